@@ -1,0 +1,105 @@
+"""The one typed settings object.
+
+Defaults live here; environment variables override them (``MODEL_PATH``, ``CHATGLM_TOOLS``,
+``EMBEDDING_PATH`` and ``IPYKERNEL`` keep the names ChatGLM3's demos use, everything else is
+``CHATGLM_<FIELD>``); entry points override both with CLI flags via ``Settings(**overrides)``.
+Library code receives a Settings; only `Settings()` reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatglm_core.errors import ConfigError
+
+
+def _alias(name: str) -> AliasChoices:
+    """ChatGLM3's variable name, our prefixed one, and the field name for keyword overrides."""
+    return AliasChoices(name, "CHATGLM_" + name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATGLM_", populate_by_name=True, extra="ignore")
+
+    # --- the model -------------------------------------------------------------------------
+    model_path: str | None = Field(None, validation_alias=_alias("MODEL_PATH"),
+                                   description="HF model folder, .gguf file, or unset for the embedded SmolLM2")
+    device: Literal["auto", "cuda", "cpu", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+    device_map: str | None = None  # "auto" spreads a model over several GPUs (accelerate)
+    backend: Literal["auto", "transformers", "llamacpp", "remote"] = "auto"
+    cache_dir: Path | None = None  # converted GGUF weights; default <data_dir>/cache
+
+    # --- a remote OpenAI-compatible engine -----------------------------------------------------
+    remote_base_url: str | None = None
+    remote_api_key: str | None = None
+    remote_model: str | None = None
+
+    # --- generation defaults --------------------------------------------------------------
+    max_new_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.05, gt=0.0)
+    system_prompt: str = ""
+
+    # --- storage ---------------------------------------------------------------------------
+    data_dir: Path = Path("data")
+
+    # --- tools -----------------------------------------------------------------------------
+    tools: str | None = Field(None, validation_alias=AliasChoices("CHATGLM_TOOLS", "tools"),
+                              description="YAML tool files, separated by the OS path separator")
+    enable_shell_tool: bool = False
+    tool_timeout: float = Field(10.0, gt=0)
+    tool_result_max_chars: int = Field(4096, ge=64)
+    max_tool_rounds: int = Field(5, ge=1)
+
+    # --- code interpreter sandbox ------------------------------------------------------------
+    ipykernel: str | None = Field(None, validation_alias=_alias("IPYKERNEL"),
+                                  description="kernel spec name; default: this environment's python")
+    sandbox_timeout: float = Field(30.0, gt=0)
+    sandbox_memory_mb: int = Field(2048, ge=64)
+    sandbox_max_procs: int = Field(64, ge=1)
+    sandbox_cpu_seconds: int = Field(300, ge=1)
+    sandbox_max_output_chars: int = Field(20000, ge=100)
+    sandbox_max_images: int = Field(8, ge=0)
+    sandbox_max_image_bytes: int = Field(5_000_000, ge=1000)
+    sandbox_idle_seconds: float = Field(1800.0, gt=0)
+
+    # --- API server --------------------------------------------------------------------------
+    api_key: str | None = None
+    cors_origins: str = ""  # comma-separated; empty = CORS closed
+    embedding_path: str | None = Field(None, validation_alias=_alias("EMBEDDING_PATH"))
+    served_model_name: str | None = None
+
+    @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
+                     mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: object) -> object:
+        return None if v == "" else v
+
+    def tool_files(self) -> list[Path]:
+        return [Path(p) for p in (self.tools or "").split(os.pathsep) if p]
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or self.data_dir / "cache"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment plus explicit overrides (None values are ignored).
+
+    Raises ConfigError naming the bad field instead of pydantic's ValidationError.
+    """
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid settings: {problems}. Fix the environment variable or flag.") from None
