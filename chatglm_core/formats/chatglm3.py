@@ -35,6 +35,8 @@ _STOP_TEXTS = ("<|user|>", "<|observation|>")
 class ChatGLM3Format:
     name = "chatglm3"
     stop_strings: list[str] = []
+    #: The backend puts this first in interpreter mode when the conversation has no system message.
+    interpreter_prompt = INTERPRETER_SYSTEM_PROMPT
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
