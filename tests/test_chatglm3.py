@@ -181,7 +181,8 @@ PARSES = [
     ("\nThe weather is fine.", False, Message(Role.ASSISTANT, "The weather is fine.")),
     ("get_weather\n```python\ntool_call(city='Beijing')\n```", True,
      Message(Role.ASSISTANT, "", [ToolCall("get_weather", {"city": "Beijing"})])),
-    ("interpreter\n```python\nprint(1)\n```", False, Message(Role.ASSISTANT, "", [ToolCall(INTERPRETER, {"code": "print(1)"})])),
+    ("interpreter\n```python\nprint(1)\n```", False,
+     Message(Role.ASSISTANT, "", [ToolCall(INTERPRETER, {"code": "print(1)"})])),
     ("\nLet me compute it.<|assistant|>interpreter\n```python\nprint(2)\n```", False,
      Message(Role.ASSISTANT, "Let me compute it.", [ToolCall(INTERPRETER, {"code": "print(2)"})])),
 ]
