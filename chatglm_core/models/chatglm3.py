@@ -211,7 +211,7 @@ def load_chatglm3(path: str | Path, *, dtype: Any = "auto", device: str = "auto"
     kwargs: dict[str, Any] = {"config": glm_config(config), "dtype": torch_dtype}
     if quantize != "none":
         kwargs["quantization_config"] = _quantization_config(quantize, device, torch_dtype)
-        kwargs["device_map"] = device_map or {"": device}
+        kwargs["device_map"] = device_map or {"": 0 if device == "cuda" else device}
     else:
         kwargs["device_map"] = device_map or device  # each tensor goes straight to its device
     try:
