@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from chatglm_core.errors import ConfigError
+from chatglm_core.models.loader import bnb_config, resolve_device, resolve_dtype
 from chatglm_core.models.chatglm3_tokenizer import ChatGLM3Tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -136,52 +137,10 @@ def _model_class():
     return _MODEL_CLASS
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("device=cuda but torch sees no CUDA GPU; set CHATGLM_DEVICE=cpu (or auto)")
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError("device=mps but this torch build has no MPS; set CHATGLM_DEVICE=cpu (or auto)")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: Any, device: str):
-    import torch
-
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise ConfigError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
-    return names[dtype]
-
-
 def _quantization_config(quantize: str, device: str, torch_dtype):
-    if quantize not in ("4bit", "8bit"):
-        raise ConfigError(f"unknown quantize {quantize!r}: use none, 4bit or 8bit")
-    import importlib.util
-
-    import torch
-
-    if not torch.cuda.is_available() or not device.startswith("cuda"):
+    if not device.startswith("cuda"):
         raise ConfigError(f"quantize={quantize} needs a CUDA GPU (bitsandbytes); set CHATGLM_QUANTIZE=none")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"quantize={quantize} needs bitsandbytes: pip install bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype)
+    return bnb_config(quantize, torch_dtype)
 
 
 def load_chatglm3(path: str | Path, *, dtype: Any = "auto", device: str = "auto", device_map: str | None = None,
