@@ -1,0 +1,312 @@
+"""How a sandbox kernel is contained: the command that wraps it, its environment, and a process watchdog.
+
+`sandbox.py` decides *what* runs (a Jupyter kernel) and this module decides *where*:
+
+- ``bubblewrap`` (``bwrap``), when it is on PATH and a probe shows it works: the kernel gets its own
+  PID, network, IPC and UTS namespaces, a filesystem view made of read-only system/Python directories
+  plus its own working directory (the only writable place besides a private /tmp), no capabilities,
+  and dies with the process that started it.
+- Always: rlimits set by a tiny launcher before it execs the kernel (address space, CPU seconds, no
+  core files), a parent-death signal, and a minimal environment (no secrets from ours).
+- Always: `Watchdog`, one thread that counts each sandbox's processes (and their memory once there is
+  more than one) and kills the sandbox over its limits. RLIMIT_NPROC is not used: it counts every
+  process of the *user* (the app's own included) and root ignores it.
+
+Kernels are started from one long-lived thread (`in_keeper_thread`): a parent-death signal fires when
+the *thread* that forked the child ends, and Streamlit runs every script run in a short-lived thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# /etc entries a Python kernel needs (dynamic linker, time zone, fonts, TLS roots, user names);
+# the rest of /etc (shadow files, app configuration, keys) stays out of the sandbox.
+ETC_ALLOWLIST = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "fonts", "ssl", "ca-certificates",
+    "passwd", "group", "nsswitch.conf", "hosts", "host.conf", "gai.conf", "protocols", "services",
+    "alternatives", "mime.types", "matplotlibrc", "os-release", "locale.alias",
+)
+
+# Runs as `python -I -S -c LAUNCHER mem_bytes cpu_s parent_pid argv...`: set limits, then exec.
+LAUNCHER = """
+import os, sys, resource, ctypes
+mem, cpu, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if mem: resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+if cpu: resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+try: ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+except Exception: pass
+if os.getppid() != parent: os._exit(1)  # the app died before prctl took effect
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
+
+
+# --- starting processes from a thread that lives as long as the app ------------------------------
+_keeper_queue: queue.Queue[tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
+_keeper_lock = threading.Lock()
+_keeper: threading.Thread | None = None
+
+
+def _keeper_loop() -> None:
+    while True:
+        fn, reply = _keeper_queue.get()
+        try:
+            reply.put((True, fn()))
+        except BaseException as e:  # handed back to the caller, re-raised there
+            reply.put((False, e))
+
+
+def in_keeper_thread(fn: Callable[[], Any]) -> Any:
+    """Run fn in the one long-lived spawner thread and return (or raise) its result."""
+    global _keeper
+    with _keeper_lock:
+        if _keeper is None or not _keeper.is_alive():
+            _keeper = threading.Thread(target=_keeper_loop, name="sandbox-keeper", daemon=True)
+            _keeper.start()
+    if threading.current_thread() is _keeper:
+        return fn()
+    reply: queue.Queue = queue.Queue(maxsize=1)
+    _keeper_queue.put((fn, reply))
+    ok, value = reply.get()
+    if not ok:
+        raise value
+    return value
+
+
+# --- the command and the environment ------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def python_dirs(executable: str) -> tuple[str, ...]:
+    """The directories an interpreter needs (prefixes and its default sys.path), () if not a Python."""
+    code = "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.executable] + sys.path))"
+    try:
+        out = subprocess.run([executable, "-I", "-c", code], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ.get("PATH", os.defpath)}, check=True).stdout
+        paths = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ()
+    dirs = set()
+    for p in paths:
+        p = os.path.dirname(p) if os.path.isfile(p) else p
+        if p and p != "/" and os.path.isdir(p):
+            dirs.add(os.path.abspath(p))
+            dirs.add(os.path.realpath(p))
+    # drop directories already inside another one
+    return tuple(sorted(d for d in dirs if not any(d != o and d.startswith(o + os.sep) for o in dirs)))
+
+
+def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...]) -> list[str]:
+    """bubblewrap options for a kernel that may write only work_dir (and a private /tmp)."""
+    args = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--hostname", "sandbox"]
+    if os.geteuid() == 0:
+        args += ["--cap-drop", "ALL"]
+    for d in ("/usr",):
+        args += ["--ro-bind", d, d]
+    for d in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(d):
+            args += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            args += ["--ro-bind", d, d]
+    for name in ETC_ALLOWLIST:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    for d in ro_dirs:
+        args += ["--ro-bind", d, d]
+    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp"]
+    # If the sandboxes' parent directory is visible through a read-only bind (a data dir inside the
+    # venv's tree, say), hide it so other sessions' directories stay invisible.
+    parent = str(work_dir.parent)
+    if parent != "/" and any(parent == d or parent.startswith(d + os.sep) for d in ro_dirs):
+        args += ["--tmpfs", parent]
+    args += ["--bind", str(work_dir), str(work_dir), "--bind", str(runtime_dir), str(runtime_dir),
+             "--chdir", str(work_dir), "--unsetenv", "JPY_PARENT_PID", "--"]
+    return args
+
+
+@functools.lru_cache(maxsize=8)
+def bwrap_probe(executable: str) -> str | None:
+    """None if bubblewrap can run `executable` here, else why not (a short reason)."""
+    if shutil.which("bwrap") is None:
+        return "bwrap not found on PATH"
+    ro_dirs = python_dirs(executable)
+    if not ro_dirs:
+        return f"{executable} is not a Python we can inspect"
+    with tempfile.TemporaryDirectory(prefix="chatglm-probe-") as tmp:
+        work, rt = Path(tmp, "w"), Path(tmp, "r")
+        work.mkdir()
+        rt.mkdir()
+        cmd = bwrap_args(work, rt, ro_dirs) + [executable, "-I", "-S", "-c", "print('ok')"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=minimal_env(work, rt))
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"bwrap failed: {e}"
+        if proc.returncode != 0 or proc.stdout.strip() != "ok":
+            return "bwrap failed: " + (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+    return None
+
+
+def launcher_args(memory_mb: int, cpu_seconds: int) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER, str(memory_mb * 2**20), str(cpu_seconds), str(os.getpid())]
+
+
+def minimal_env(work_dir: Path, runtime_dir: Path, executable: str = sys.executable) -> dict[str, str]:
+    """The kernel's whole environment: nothing of ours (API keys, tokens) leaks in."""
+    threads = str(min(4, os.cpu_count() or 1))  # OpenBLAS reserves memory per thread; RLIMIT_AS counts it
+    return {
+        "PATH": os.pathsep.join([os.path.dirname(executable), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": str(work_dir),
+        "LANG": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "MPLCONFIGDIR": str(runtime_dir / "mpl"),
+        "IPYTHONDIR": str(runtime_dir / "ipython"),
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "MALLOC_ARENA_MAX": "2",
+        "OMP_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+    }
+
+
+# --- processes ----------------------------------------------------------------------------------
+def _stat(path: str) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name, or None if gone."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def _pss_bytes(proc_dir: str) -> int:
+    try:
+        with open(f"{proc_dir}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@dataclass
+class Watched:
+    """One sandbox's processes: `leader` is the launched process (bwrap, or the kernel itself)."""
+
+    leader: int
+    namespaced: bool
+    max_procs: int
+    max_memory: int
+    on_limit: Callable[[str], None]
+    ns_init: int | None = None  # host pid of bwrap's init, found on first poll
+
+    def proc_root(self) -> str:
+        return f"/proc/{self.ns_init}/root/proc" if self.ns_init else "/proc"
+
+    def pids(self, all_stats: dict[int, list[str]] | None = None) -> list[int]:
+        """Host pids (or namespace pids when namespaced) of the sandbox's processes, bwrap excluded."""
+        if self.namespaced:
+            if self.ns_init is None:
+                stats = all_stats if all_stats is not None else scan_proc()
+                self.ns_init = next((p for p, st in stats.items() if int(st[1]) == self.leader), None)
+                if self.ns_init is None:
+                    return []
+            try:
+                return [int(p) for p in os.listdir(self.proc_root()) if p.isdigit() and p != "1"]
+            except OSError:
+                return []
+        stats = all_stats if all_stats is not None else scan_proc()
+        return [p for p, st in stats.items() if int(st[3]) == self.leader]  # same session as the kernel
+
+    def check(self, all_stats: dict[int, list[str]] | None) -> None:
+        pids = self.pids(all_stats)
+        if len(pids) > self.max_procs:
+            self.on_limit(f"it started more than {self.max_procs} processes")
+        elif len(pids) > 1 and self.max_memory:
+            root = self.proc_root()
+            used = sum(_pss_bytes(f"{root}/{p}") for p in pids)
+            if used > self.max_memory:
+                self.on_limit(f"its processes used more than {self.max_memory // 2**20} MiB of memory")
+
+
+def scan_proc() -> dict[int, list[str]]:
+    """pid -> stat fields (state, ppid, pgrp, session, ...) of every process on the host."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(f"/proc/{name}/stat")
+            if st is not None:
+                out[int(name)] = st
+    return out
+
+
+class Watchdog:
+    """One daemon thread polling every registered sandbox every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._watched: dict[object, Watched] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, key: object, watched: Watched) -> None:
+        with self._lock:
+            self._watched[key] = watched
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sandbox-watchdog", daemon=True)
+                self._thread.start()
+
+    def remove(self, key: object) -> None:
+        with self._lock:
+            self._watched.pop(key, None)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                watched = list(self._watched.values())
+            if not watched:
+                continue
+            needs_scan = any(not w.namespaced or w.ns_init is None for w in watched)
+            stats = scan_proc() if needs_scan else None
+            for w in watched:
+                try:
+                    w.check(stats)
+                except Exception:  # a process vanishing mid-check must not stop the watchdog
+                    pass
+
+
+WATCHDOG = Watchdog()
+
+
+def kill_tree(leader: int, namespaced: bool) -> None:
+    """SIGKILL a sandbox: its process group, and (namespaced) bwrap, whose init takes the namespace down."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(leader, signal.SIGKILL)
+        except OSError:
+            pass
+    if not namespaced:  # children that left the process group but kept the session
+        for pid, st in scan_proc().items():
+            if int(st[3]) == leader:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
