@@ -291,7 +291,7 @@ class Sandbox:
         prefix = jail.launcher_args(self.limits.memory_mb, self.limits.cpu_seconds)
         if self._bwrap:
             ro_dirs = jail.python_dirs(spec.argv[0] if self.kernel_name else sys.executable)
-            prefix += jail.bwrap_args(self.work_dir, self.runtime_dir, ro_dirs)
+            prefix += jail.bwrap_args(self.work_dir, self.runtime_dir, ro_dirs, tmp_mb=max(64, self.limits.memory_mb // 4))
         wrapped = type(spec)(argv=prefix + spec.argv, display_name=spec.display_name, language=spec.language,
                              env=spec.env, interrupt_mode=spec.interrupt_mode)
 
@@ -331,9 +331,10 @@ class Sandbox:
             with self._ctl:
                 jail.kill_tree(self._leader, self._bwrap)
             try:
-                km.shutdown_kernel(now=True)
-            except Exception:  # already gone; shutdown also removes the connection file and sockets
+                km.provisioner.process.wait(timeout=10)  # reap it (SIGKILL was sent)
+            except subprocess.TimeoutExpired:  # uninterruptible sleep in the host kernel; init reaps it later
                 pass
+            km.cleanup_resources()  # connection file and ipc sockets
 
     def _over_limit(self, reason: str) -> None:
         self._kill_reason = reason

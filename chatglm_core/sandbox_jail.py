@@ -48,7 +48,7 @@ import os, sys, resource, ctypes
 mem, cpu, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if mem: resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-if cpu: resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+if cpu: resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
 try: ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 except Exception: pass
 if os.getppid() != parent: os._exit(1)  # the app died before prctl took effect
@@ -109,8 +109,17 @@ def python_dirs(executable: str) -> tuple[str, ...]:
     return tuple(sorted(d for d in dirs if not any(d != o and d.startswith(o + os.sep) for o in dirs)))
 
 
-def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...]) -> list[str]:
-    """bubblewrap options for a kernel that may write only work_dir (and a private /tmp)."""
+@functools.lru_cache(maxsize=1)
+def bwrap_version() -> tuple[int, ...]:
+    try:
+        out = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return tuple(int(x) for x in out.split()[-1].split("."))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return (0,)
+
+
+def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...], tmp_mb: int = 256) -> list[str]:
+    """bubblewrap options for a kernel that may write only work_dir (and a private, capped /tmp)."""
     args = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox"]
     if os.geteuid() == 0:
@@ -126,13 +135,16 @@ def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...]) -> l
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     for d in ro_dirs:
         args += ["--ro-bind", d, d]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm", "--tmpfs", "/tmp"]
+    # tmpfs pages are RAM that no process's memory accounts for: cap them (bwrap >= 0.7 has --size)
+    size = ["--size", str(tmp_mb * 2**20)] if bwrap_version() >= (0, 7) else []
+    args += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", *size, "--tmpfs", "/tmp"]
     # If the sandboxes' parent directory is visible through a read-only bind (a data dir inside the
     # venv's tree, say), hide it so other sessions' directories stay invisible.
     parent = str(work_dir.parent)
     if parent != "/" and any(parent == d or parent.startswith(d + os.sep) for d in ro_dirs):
         args += ["--tmpfs", parent]
     args += ["--bind", str(work_dir), str(work_dir), "--bind", str(runtime_dir), str(runtime_dir),
+             "--remount-ro", "/",  # the root holding the mount points is a tmpfs too: no writes there
              "--chdir", str(work_dir), "--unsetenv", "JPY_PARENT_PID", "--"]
     return args
 
