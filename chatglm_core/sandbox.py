@@ -224,8 +224,7 @@ class Sandbox:
         self.limits = Limits(**limits)
         self.kernel_name = kernel_name
         self._spec = self._kernel_spec()
-        argv0 = self._spec.argv[0] if kernel_name else sys.executable
-        why_not = jail.bwrap_probe(argv0) if isolate is not False else "disabled by the caller"
+        why_not = jail.bwrap_probe(self._spec.argv[0]) if isolate is not False else "disabled by the caller"
         if isolate and why_not:
             raise ConfigError(f"bubblewrap isolation was required but {why_not}; install it with "
                               "`apt-get install bubblewrap` or allow the rlimits-only fallback")
@@ -279,21 +278,25 @@ class Sandbox:
         except NoSuchKernel:
             raise ConfigError(f"IPYKERNEL={self.kernel_name!r}: no such Jupyter kernel spec. List them with "
                               "`jupyter kernelspec list`, or unset IPYKERNEL to use this environment's Python.") from None
+        argv = list(spec.argv)
+        argv[0] = shutil.which(argv[0], path=jail.minimal_env(Path("/"), Path("/"))["PATH"]) or argv[0]
         # message mode: a signal would hit bwrap (the process jupyter_client knows), not the kernel
-        return KernelSpec(argv=list(spec.argv), display_name=spec.display_name, language=spec.language,
-                          env=dict(spec.env or {}), interrupt_mode="message")
+        return KernelSpec(argv=argv, display_name=spec.display_name, language=spec.language,
+                          env=dict(spec.env or {}), interrupt_mode="message", resource_dir=spec.resource_dir)
 
     def _start(self) -> None:
         from jupyter_client import KernelManager
         from jupyter_client.kernelspec import KernelSpecManager
 
         spec = self._spec
-        prefix = jail.launcher_args(self.limits.memory_mb, self.limits.cpu_seconds)
+        prefix = jail.launcher_args(self.limits.memory_mb, self.limits.cpu_seconds, supervise=not self._bwrap)
         if self._bwrap:
-            ro_dirs = jail.python_dirs(spec.argv[0] if self.kernel_name else sys.executable)
+            ro_dirs = jail.python_dirs(spec.argv[0])
+            if self.kernel_name and spec.resource_dir:
+                ro_dirs += (spec.resource_dir,)
             prefix += jail.bwrap_args(self.work_dir, self.runtime_dir, ro_dirs, tmp_mb=max(64, self.limits.memory_mb // 4))
         wrapped = type(spec)(argv=prefix + spec.argv, display_name=spec.display_name, language=spec.language,
-                             env=spec.env, interrupt_mode=spec.interrupt_mode)
+                             env=spec.env, interrupt_mode=spec.interrupt_mode, resource_dir=spec.resource_dir)
 
         class _OneSpec(KernelSpecManager):
             def get_kernel_spec(self, kernel_name: str) -> Any:
@@ -301,7 +304,7 @@ class Sandbox:
 
         km = KernelManager(kernel_name="sandbox", kernel_spec_manager=_OneSpec(), transport="ipc",
                            ip=str(self.runtime_dir / "k"), connection_file=str(self.runtime_dir / "kernel.json"))
-        env = jail.minimal_env(self.work_dir, self.runtime_dir)
+        env = jail.minimal_env(self.work_dir, self.runtime_dir, spec.argv[0])
         log = open(self.runtime_dir / "kernel.log", "wb")
         try:
             jail.in_keeper_thread(lambda: km.start_kernel(env=env, cwd=str(self.work_dir),
@@ -319,8 +322,9 @@ class Sandbox:
             self._stop()
             raise ConfigError(f"the sandbox kernel did not start ({self.isolation}). Check that ipykernel is "
                               f"installed for {wrapped.argv[len(prefix)]}. Kernel log:\n{detail}") from None
-        jail.WATCHDOG.add(self, jail.Watched(self._leader, self._bwrap, self.limits.max_procs,
-                                             self.limits.memory_mb * 2**20, self._over_limit))
+        leader = self._leader
+        jail.WATCHDOG.add(self, jail.Watched(leader, self._bwrap, self.limits.max_procs, self.limits.memory_mb * 2**20,
+                                             lambda reason: self._over_limit(reason, leader)))
 
     def _stop(self) -> None:
         jail.WATCHDOG.remove(self)
@@ -336,9 +340,11 @@ class Sandbox:
                 pass
             km.cleanup_resources()  # connection file and ipc sockets
 
-    def _over_limit(self, reason: str) -> None:
-        self._kill_reason = reason
-        self._kill()
+    def _over_limit(self, reason: str, leader: int) -> None:
+        with self._ctl:
+            if leader == self._leader:  # not a kernel started since the watchdog looked
+                self._kill_reason = reason
+                jail.kill_tree(leader, self._bwrap)
 
     def _kill(self) -> None:
         with self._ctl:
@@ -351,8 +357,9 @@ class Sandbox:
     def interrupt(self) -> None:
         """Stop the running cell with KeyboardInterrupt (its run() returns status "error")."""
         with self._ctl:
-            if self._km is not None and self._km.is_alive():
-                self._km.interrupt_kernel()
+            km = self._km
+            if km is not None and km.is_alive():
+                km.interrupt_kernel()
 
     def restart(self) -> None:
         """A fresh kernel (all variables lost); the working directory's files stay."""
@@ -475,7 +482,7 @@ class Sandbox:
         code = proc.poll() if proc is not None else None
         if code is None:
             return "unknown cause"
-        sig = -code if code < 0 else code - 128 if self._bwrap and code > 128 else None
+        sig = code - 128 if code > 128 else None  # the launcher and bwrap report a signal as 128 + signal
         if sig == signal.SIGXCPU:
             return f"CPU time limit of {self.limits.cpu_seconds} s reached"
         if sig:

@@ -42,17 +42,29 @@ ETC_ALLOWLIST = (
     "alternatives", "mime.types", "matplotlibrc", "os-release", "locale.alias",
 )
 
-# Runs as `python -I -S -c LAUNCHER mem_bytes cpu_s parent_pid argv...`: set limits, then exec.
+# Runs as `python -I -S -c LAUNCHER mem_bytes cpu_s parent_pid supervise argv...`: set limits, then
+# exec argv (bwrap: it kills its namespace when we die) or, without bwrap, stay as a small supervisor
+# that kills the kernel's whole process group when the app dies (a parent-death signal alone would
+# kill the kernel but orphan its children).
 LAUNCHER = """
-import os, sys, resource, ctypes
-mem, cpu, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+import os, sys, resource, ctypes, signal
+mem, cpu, parent, supervise = (int(a) for a in sys.argv[1:5])
+argv = sys.argv[5:]
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 if mem: resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 if cpu: resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
-try: ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+os.environ.pop("JPY_PARENT_PID", None)  # ipykernel would exit: its parent is not the app
+if supervise: signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+try: ctypes.CDLL(None).prctl(1, signal.SIGTERM if supervise else signal.SIGKILL)  # PR_SET_PDEATHSIG
 except Exception: pass
 if os.getppid() != parent: os._exit(1)  # the app died before prctl took effect
-os.execvp(sys.argv[4], sys.argv[4:])
+if not supervise: os.execvp(argv[0], argv)
+pid = os.fork()
+if pid == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.execvp(argv[0], argv)
+code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+os._exit(128 - code if code < 0 else code)  # like a shell (and bwrap): 128 + signal
 """
 
 
@@ -141,11 +153,11 @@ def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...], tmp_
     # If the sandboxes' parent directory is visible through a read-only bind (a data dir inside the
     # venv's tree, say), hide it so other sessions' directories stay invisible.
     parent = str(work_dir.parent)
-    if parent != "/" and any(parent == d or parent.startswith(d + os.sep) for d in ro_dirs):
+    if any(parent.startswith(d + os.sep) for d in ro_dirs) and not any(d.startswith(parent + os.sep) for d in ro_dirs):
         args += ["--tmpfs", parent]
     args += ["--bind", str(work_dir), str(work_dir), "--bind", str(runtime_dir), str(runtime_dir),
              "--remount-ro", "/",  # the root holding the mount points is a tmpfs too: no writes there
-             "--chdir", str(work_dir), "--unsetenv", "JPY_PARENT_PID", "--"]
+             "--chdir", str(work_dir), "--"]
     return args
 
 
@@ -171,8 +183,9 @@ def bwrap_probe(executable: str) -> str | None:
     return None
 
 
-def launcher_args(memory_mb: int, cpu_seconds: int) -> list[str]:
-    return [sys.executable, "-I", "-S", "-c", LAUNCHER, str(memory_mb * 2**20), str(cpu_seconds), str(os.getpid())]
+def launcher_args(memory_mb: int, cpu_seconds: int, supervise: bool) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", LAUNCHER, str(memory_mb * 2**20), str(cpu_seconds), str(os.getpid()),
+            str(int(supervise))]
 
 
 def minimal_env(work_dir: Path, runtime_dir: Path, executable: str = sys.executable) -> dict[str, str]:
@@ -220,7 +233,7 @@ def _pss_bytes(proc_dir: str) -> int:
 
 @dataclass
 class Watched:
-    """One sandbox's processes: `leader` is the launched process (bwrap, or the kernel itself)."""
+    """One sandbox's processes: `leader` is the launched process (bwrap, or the supervisor)."""
 
     leader: int
     namespaced: bool
@@ -229,30 +242,26 @@ class Watched:
     on_limit: Callable[[str], None]
     ns_init: int | None = None  # host pid of bwrap's init, found on first poll
 
-    def proc_root(self) -> str:
-        return f"/proc/{self.ns_init}/root/proc" if self.ns_init else "/proc"
-
-    def pids(self, all_stats: dict[int, list[str]] | None = None) -> list[int]:
-        """Host pids (or namespace pids when namespaced) of the sandbox's processes, bwrap excluded."""
-        if self.namespaced:
-            if self.ns_init is None:
-                stats = all_stats if all_stats is not None else scan_proc()
-                self.ns_init = next((p for p, st in stats.items() if int(st[1]) == self.leader), None)
-                if self.ns_init is None:
-                    return []
+    def pids(self, all_stats: dict[int, list[str]] | None = None) -> tuple[str, list[int]]:
+        """(proc root, pids under it) of the sandbox's processes, bwrap's init excluded."""
+        if self.namespaced and self.ns_init is None:
+            stats = all_stats if all_stats is not None else scan_proc()
+            self.ns_init = next((p for p, st in stats.items() if int(st[1]) == self.leader), None)
+        if self.namespaced and self.ns_init is not None:
+            root = f"/proc/{self.ns_init}/root/proc"  # the namespace's own /proc: only its processes
             try:
-                return [int(p) for p in os.listdir(self.proc_root()) if p.isdigit() and p != "1"]
-            except OSError:
-                return []
+                return root, [int(p) for p in os.listdir(root) if p.isdigit() and p != "1"]
+            except OSError:  # init gone, or its root unreadable: count by session below
+                pass
         stats = all_stats if all_stats is not None else scan_proc()
-        return [p for p, st in stats.items() if int(st[3]) == self.leader]  # same session as the kernel
+        # the kernel's session, without the supervisor (or bwrap) that leads it
+        return "/proc", [p for p, st in stats.items() if int(st[3]) == self.leader and p != self.leader]
 
     def check(self, all_stats: dict[int, list[str]] | None) -> None:
-        pids = self.pids(all_stats)
+        root, pids = self.pids(all_stats)
         if len(pids) > self.max_procs:
             self.on_limit(f"it started more than {self.max_procs} processes")
-        elif len(pids) > 1 and self.max_memory:
-            root = self.proc_root()
+        elif len(pids) > 1 and self.max_memory:  # one process alone is held by its RLIMIT_AS
             used = sum(_pss_bytes(f"{root}/{p}") for p in pids)
             if used > self.max_memory:
                 self.on_limit(f"its processes used more than {self.max_memory // 2**20} MiB of memory")

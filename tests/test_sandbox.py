@@ -349,15 +349,28 @@ def test_a_named_kernel_spec_is_used(tmp_path, monkeypatch):
 def test_close_leaves_no_process_and_no_files(root):
     sb = Sandbox(root=root)
     marker = str(sb.runtime_dir)
-    r = sb.run("import subprocess\nsubprocess.Popen(['sleep', '1000.4242'])\nprint('started')")
+    sleeper = f"1000.{os.getpid()}"
+    r = sb.run(f"import subprocess\nsubprocess.Popen(['sleep', '{sleeper}'])\nprint('started')")
     assert r.text == "started\n"
-    assert procs_with(marker) and wait_until(lambda: procs_with("1000.4242"))
+    assert procs_with(marker) and wait_until(lambda: procs_with(sleeper))
     sb.close()
     sb.close()  # idempotent
-    assert wait_until(lambda: not procs_with(marker) and not procs_with("1000.4242"))
+    assert wait_until(lambda: not procs_with(marker) and not procs_with(sleeper))
     assert not sb.work_dir.exists() and not sb.runtime_dir.exists()
     with pytest.raises(RuntimeError, match="closed"):
         sb.run("1")
+
+
+def test_a_sandbox_outlives_the_thread_that_created_it(root):
+    # Streamlit creates objects in short-lived script threads; a parent-death signal tied to that
+    # thread would kill the kernel when the thread ends.
+    made = []
+    thread = threading.Thread(target=lambda: made.append(Sandbox(root=root)))
+    thread.start()
+    thread.join()
+    with made[0] as sb:
+        time.sleep(0.3)
+        assert sb.run("print('still alive')").text == "still alive\n"
 
 
 OWNER = """
@@ -367,8 +380,9 @@ from chatglm_core.settings import Settings
 pool = SandboxPool(Settings(data_dir=sys.argv[1]))
 boxes = [pool.get("a"), pool.get("b")]
 for b in boxes:
-    b.run("import subprocess; subprocess.Popen(['sleep', '1000.5151'])")
+    b.run(f"import subprocess; subprocess.Popen(['sleep', '{sys.argv[3]}'])")
 print(json.dumps([str(b.runtime_dir) for b in boxes]), flush=True)
+sys.stdin.readline()  # the test looks at the kernels first
 if sys.argv[2] == "hang":
     time.sleep(600)
 """
@@ -376,17 +390,24 @@ if sys.argv[2] == "hang":
 
 @pytest.mark.parametrize("ending", ["exit", "hang"])
 def test_no_kernel_outlives_the_owning_process(tmp_path, ending):
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), ending], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    sleeper = f"1000.{os.getpid()}{len(ending)}"  # unique to this test, so leftovers elsewhere don't count
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), ending, sleeper], cwd=REPO,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         runtime_dirs = json.loads(owner.stdout.readline())
-        assert all(procs_with(d) for d in runtime_dirs)
+        assert all(procs_with(d) for d in runtime_dirs) and procs_with(sleeper)
+        owner.stdin.write("go\n")
+        owner.stdin.flush()
         if ending == "hang":
+            time.sleep(0.2)
             owner.send_signal(signal.SIGKILL)  # no atexit: the parent-death signal must do it
         owner.wait(timeout=30)
     finally:
         owner.kill()
-    assert wait_until(lambda: not any(procs_with(d) for d in runtime_dirs) and not procs_with("1000.5151"))
+    assert wait_until(lambda: not any(procs_with(d) for d in runtime_dirs) and not procs_with(sleeper))
+    if ending == "exit":  # after SIGKILL nobody is left to remove the directories
+        assert not any((tmp_path / "sandboxes").iterdir()) and not any(Path(d).exists() for d in runtime_dirs)
 
 
 def test_pool_one_sandbox_per_session_and_idle_reaping(tmp_path):
