@@ -30,10 +30,7 @@ kernel still runs as the app's user (root in root's containers, though without c
 from __future__ import annotations
 
 import atexit
-import base64
-import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -42,43 +39,20 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, fields
-from html.parser import HTMLParser
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from chatglm_core import sandbox_jail as jail
 from chatglm_core.errors import ConfigError
+from chatglm_core.sandbox_output import TRUNCATED, ExecResult, Output, truncate
+
+__all__ = ["TRUNCATED", "ExecResult", "Limits", "Sandbox", "truncate"]
 
 if TYPE_CHECKING:
     from chatglm_core.settings import Settings
 
-Status = Literal["ok", "error", "timeout", "died"]
-ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
-TRUNCATED = "[... output truncated: {n} characters not shown ...]"
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "chatglm-sandboxes"
-
-
-@dataclass
-class ExecResult:
-    status: Status
-    text: str = ""  # streams and displayed text, in order
-    images: list[bytes] = field(default_factory=list)  # PNG bytes, in order
-    error: str | None = None  # traceback (no ANSI codes) or what happened to the kernel
-    elapsed: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def observation(self) -> str:
-        """What the model reads back: one "[Image]" per image, then the text, then the error."""
-        parts = ["[Image]"] * len(self.images)
-        if self.text.strip():
-            parts.append(self.text.rstrip())
-        if self.error:
-            parts.append(self.error)
-        return "\n".join(parts) if parts else "(no output)"
 
 
 @dataclass(frozen=True)
@@ -98,110 +72,6 @@ class Limits:
             value = getattr(self, f.name)
             if not isinstance(value, (int, float)) or value < 0 or (value == 0 and f.name != "max_images"):
                 raise ConfigError(f"sandbox limit {f.name}={value!r} must be a positive number")
-
-
-def truncate(text: str, limit: int) -> str:
-    """Keep the first two thirds and the last third of `limit` characters, marking the cut."""
-    if len(text) <= limit:
-        return text
-    head, tail = limit * 2 // 3, limit // 3
-    return text[:head] + "\n" + TRUNCATED.format(n=len(text) - head - tail) + "\n" + text[len(text) - tail:]
-
-
-class _HTMLText(HTMLParser):
-    BLOCKS = {"br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "pre"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        self._skip += tag in ("script", "style")
-        if tag in self.BLOCKS:
-            self.parts.append("\n")
-        elif tag in ("td", "th"):
-            self.parts.append("\t")
-
-    def handle_endtag(self, tag: str) -> None:
-        self._skip -= tag in ("script", "style") and self._skip > 0
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(data)
-
-
-def html_to_text(html: str) -> str:
-    parser = _HTMLText()
-    parser.feed(html)
-    lines = (line.strip() for line in "".join(parser.parts).splitlines())
-    return "\n".join(line for line in lines if line)
-
-
-def _display_text(data: dict[str, Any]) -> str:
-    """The text of a rich display: text/plain unless it is a bare repr and there is HTML/markdown."""
-    plain = data.get("text/plain", "")
-    if re.fullmatch(r"<[\w.]+ object(?: at 0x[0-9a-f]+)?>", plain.strip()) or not plain:
-        if "text/html" in data:
-            return html_to_text(data["text/html"])
-        for mime in ("text/markdown", "text/latex", "application/json"):
-            if mime in data:
-                return str(data[mime])
-    return plain
-
-
-class _Output:
-    """Collects one execution's messages within the size limits."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.head: list[str] = []
-        self.head_len = 0
-        self.tail = ""
-        self.dropped = 0
-        self.images: list[bytes] = []
-        self.images_dropped = 0
-        self.error: str | None = None
-
-    def add_text(self, text: str) -> None:
-        room = self.limits.max_output_chars * 2 // 3 - self.head_len
-        if room > 0:
-            self.head.append(text[:room])
-            self.head_len += min(room, len(text))
-            text = text[room:]
-        if text:
-            tail_len = self.limits.max_output_chars // 3
-            joined = self.tail + text
-            self.dropped += max(0, len(joined) - tail_len)
-            self.tail = joined[-tail_len:] if tail_len else ""
-
-    def add_display(self, data: dict[str, Any]) -> None:
-        if "image/png" in data:
-            png = base64.b64decode(data["image/png"])
-            if len(self.images) >= self.limits.max_images:
-                self.images_dropped += 1
-            elif len(png) > self.limits.max_image_bytes:
-                self.add_text(f"[image of {len(png)} bytes not shown: over {self.limits.max_image_bytes} bytes]\n")
-            else:
-                self.images.append(png)
-            return
-        text = _display_text(data)
-        if text:
-            last = self.tail or (self.head[-1] if self.head else "")
-            self.add_text(("\n" if last and not last.endswith("\n") else "") + text + "\n")
-
-    def add_error(self, content: dict[str, Any]) -> None:
-        trace = ANSI.sub("", "\n".join(content.get("traceback") or []))
-        self.error = truncate(trace or f"{content.get('ename')}: {content.get('evalue')}", self.limits.max_output_chars)
-
-    def result(self, status: Status, started: float, error: str | None = None) -> ExecResult:
-        text = "".join(self.head)
-        if self.dropped:
-            text += "\n" + TRUNCATED.format(n=self.dropped) + "\n"
-        text += self.tail
-        if self.images_dropped:
-            text += f"[{self.images_dropped} more image(s) not shown: the limit is {self.limits.max_images}]\n"
-        return ExecResult(status, text, self.images, error or self.error, time.monotonic() - started)
 
 
 _LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
@@ -276,8 +146,8 @@ class Sandbox:
         try:
             spec = KernelSpecManager().get_kernel_spec(self.kernel_name)
         except NoSuchKernel:
-            raise ConfigError(f"IPYKERNEL={self.kernel_name!r}: no such Jupyter kernel spec. List them with "
-                              "`jupyter kernelspec list`, or unset IPYKERNEL to use this environment's Python.") from None
+            raise ConfigError(f"IPYKERNEL={self.kernel_name!r}: no such Jupyter kernel spec. List them with `jupyter "
+                              "kernelspec list`, or unset IPYKERNEL to use this environment's Python.") from None
         argv = list(spec.argv)
         argv[0] = shutil.which(argv[0], path=jail.minimal_env(Path("/"), Path("/"))["PATH"]) or argv[0]
         # message mode: a signal would hit bwrap (the process jupyter_client knows), not the kernel
@@ -294,7 +164,8 @@ class Sandbox:
             ro_dirs = jail.python_dirs(spec.argv[0])
             if self.kernel_name and spec.resource_dir:
                 ro_dirs += (spec.resource_dir,)
-            prefix += jail.bwrap_args(self.work_dir, self.runtime_dir, ro_dirs, tmp_mb=max(64, self.limits.memory_mb // 4))
+            tmp_mb = max(64, self.limits.memory_mb // 4)
+            prefix += jail.bwrap_args(self.work_dir, self.runtime_dir, ro_dirs, tmp_mb=tmp_mb)
         wrapped = type(spec)(argv=prefix + spec.argv, display_name=spec.display_name, language=spec.language,
                              env=spec.env, interrupt_mode=spec.interrupt_mode, resource_dir=spec.resource_dir)
 
@@ -415,7 +286,7 @@ class Sandbox:
                 notice = f"[the previous kernel died ({self._died_how()}); started a fresh one]\n"
                 self._stop()
                 self._start()
-            out = _Output(self.limits)
+            out = Output(self.limits.max_output_chars, self.limits.max_images, self.limits.max_image_bytes)
             if notice:
                 out.add_text(notice)
             self._busy = True
@@ -425,7 +296,7 @@ class Sandbox:
                 self._busy = False
                 self.last_used = time.monotonic()
 
-    def _execute(self, code: str, timeout: float, out: _Output, started: float) -> ExecResult:
+    def _execute(self, code: str, timeout: float, out: Output, started: float) -> ExecResult:
         kc = self._kc
         while True:  # replies of earlier runs
             try:
@@ -467,7 +338,7 @@ class Sandbox:
                               "the kernel's variables are kept.")
         return out.result("error" if out.error else "ok", started)
 
-    def _died(self, out: _Output, started: float) -> ExecResult:
+    def _died(self, out: Output, started: float) -> ExecResult:
         how = self._died_how()
         if not self._closed:
             self._stop()

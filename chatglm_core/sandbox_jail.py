@@ -104,7 +104,8 @@ def in_keeper_thread(fn: Callable[[], Any]) -> Any:
 @functools.lru_cache(maxsize=8)
 def python_dirs(executable: str) -> tuple[str, ...]:
     """The directories an interpreter needs (prefixes and its default sys.path), () if not a Python."""
-    code = "import sys, json; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.executable] + sys.path))"
+    code = ("import sys, json; "
+            "print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.executable] + sys.path))")
     try:
         out = subprocess.run([executable, "-I", "-c", code], capture_output=True, text=True, timeout=30,
                              env={"PATH": os.environ.get("PATH", os.defpath)}, check=True).stdout
@@ -179,7 +180,7 @@ def bwrap_probe(executable: str) -> str | None:
         except (OSError, subprocess.SubprocessError) as e:
             return f"bwrap failed: {e}"
         if proc.returncode != 0 or proc.stdout.strip() != "ok":
-            return "bwrap failed: " + (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+            return "bwrap failed: " + (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     return None
 
 
