@@ -8,28 +8,35 @@ is kept in order, a timeout interrupts (then restarts) the kernel, and a dead ke
 
 Isolation (see `sandbox_jail.py`; `Sandbox.isolation` says which applies):
 
-- With bubblewrap (``bwrap`` on PATH and working): the kernel sees the system and Python directories
-  read-only, its own working directory read-write, a private /tmp, no network, its own PID namespace,
-  no capabilities, and a minimal environment. Other sandboxes' directories and the app's files
-  (outside the Python installation) are invisible.
-- Without it (fallback): only rlimits, the minimal environment, the process watchdog and its own
-  working directory as cwd. The kernel can read and write anything the app's user can, reach the
-  network, and a process that calls setsid() escapes the process count and the final kill.
+- With bubblewrap (``bwrap`` on PATH and a probe run works): the kernel sees /usr, a few /etc files
+  and the Python installation read-only, its own working directory read-write, a private /tmp and
+  /dev/shm (each capped at a quarter of ``memory_mb``), no network, its own PID/IPC/UTS namespaces
+  and no capabilities. Other sandboxes' directories, the app's files and the app's processes (so
+  its /proc/<pid>/environ) are invisible. The kernel talks to us over ipc sockets in a runtime
+  directory bound into the sandbox, since it has no loopback network shared with us.
+- Without it (fallback): rlimits, the minimal environment, the watchdog, and its own working directory
+  as cwd, nothing more. The kernel can read and write whatever the app's user can (other sandboxes'
+  files, the app's /proc/<pid>/environ with its API keys), use the network, and a process that calls
+  setsid() escapes both the process count and the final kill.
 
-Always: address space ``memory_mb`` per process (RLIMIT_AS), ``cpu_seconds`` of CPU for the kernel's
-whole life (RLIMIT_CPU; it dies and is replaced after that), at most ``max_procs`` processes and
-``memory_mb`` in total while it has children (a watchdog polling every 0.1 s: a fork bomb runs for up
-to that long before the whole sandbox is killed).
+Always: ``memory_mb`` of address space per process (RLIMIT_AS: a big allocation is a clean
+MemoryError), ``cpu_seconds`` of CPU over the kernel's whole life (RLIMIT_CPU: it dies and is
+replaced), at most ``max_procs`` processes and ``memory_mb`` in total while it has children (a
+watchdog polling every 0.1 s: a fork bomb runs that long before the whole sandbox is killed), no
+environment variables of ours (PATH, HOME=work dir, LANG, matplotlib/IPython settings only), and
+no kernel outlives the app: close() kills the process group (the PID namespace with bwrap), atexit
+closes every sandbox, and a parent-death signal covers an app killed with SIGKILL.
 
-NOT isolated, even with bubblewrap: the Linux kernel itself (a kernel exploit escapes; this is not a
-VM), CPU share (a busy loop takes a core until the timeout), disk space in the working directory,
-the read-only system and Python directories (readable, e.g. installed packages' files), and the
-kernel still runs as the app's user (root in root's containers, though without capabilities).
+NOT isolated, even with bubblewrap: the Linux kernel itself (an exploit escapes; this is not a VM),
+CPU share (a busy loop takes a core until the timeout), disk space in the working directory, reading
+the system and Python directories, and the kernel runs as the app's user (root stays uid 0 inside,
+without capabilities). Files are deleted with the sandbox when it made its own directory.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import shutil
 import signal
@@ -108,7 +115,11 @@ class Sandbox:
             work_dir = tempfile.mkdtemp(prefix="sb-", dir=base)
         self.work_dir = Path(work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="chatglm-k-"))
+        jail.sweep_stale_runtime_dirs()
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix=jail.RUNTIME_PREFIX))  # ours: lock, work dir record
+        self.kernel_dir = self.runtime_dir / "kernel"  # the kernel's: connection file, ipc sockets, caches
+        self.kernel_dir.mkdir()
+        self._owner_fd = jail.claim_runtime_dir(self.runtime_dir, self.work_dir if self._own_dir else None)
         self.last_used = time.monotonic()
         self._lock = threading.RLock()  # one run at a time; start/stop under it too
         self._ctl = threading.Lock()  # interrupt/kill, callable while a run holds _lock
@@ -165,7 +176,7 @@ class Sandbox:
             if self.kernel_name and spec.resource_dir:
                 ro_dirs += (spec.resource_dir,)
             tmp_mb = max(64, self.limits.memory_mb // 4)
-            prefix += jail.bwrap_args(self.work_dir, self.runtime_dir, ro_dirs, tmp_mb=tmp_mb)
+            prefix += jail.bwrap_args(self.work_dir, self.kernel_dir, ro_dirs, tmp_mb=tmp_mb)
         wrapped = type(spec)(argv=prefix + spec.argv, display_name=spec.display_name, language=spec.language,
                              env=spec.env, interrupt_mode=spec.interrupt_mode, resource_dir=spec.resource_dir)
 
@@ -174,9 +185,9 @@ class Sandbox:
                 return wrapped
 
         km = KernelManager(kernel_name="sandbox", kernel_spec_manager=_OneSpec(), transport="ipc",
-                           ip=str(self.runtime_dir / "k"), connection_file=str(self.runtime_dir / "kernel.json"))
-        env = jail.minimal_env(self.work_dir, self.runtime_dir, spec.argv[0])
-        log = open(self.runtime_dir / "kernel.log", "wb")
+                           ip=str(self.kernel_dir / "k"), connection_file=str(self.kernel_dir / "kernel.json"))
+        env = jail.minimal_env(self.work_dir, self.kernel_dir, spec.argv[0])
+        log = open(self.kernel_dir / "kernel.log", "wb")
         try:
             jail.in_keeper_thread(lambda: km.start_kernel(env=env, cwd=str(self.work_dir),
                                                           stdout=subprocess.DEVNULL, stderr=log))
@@ -189,7 +200,7 @@ class Sandbox:
         try:
             self._kc.wait_for_ready(timeout=self.limits.startup_timeout)
         except RuntimeError:
-            detail = (self.runtime_dir / "kernel.log").read_text(errors="replace").strip()[-2000:]
+            detail = (self.kernel_dir / "kernel.log").read_text(errors="replace").strip()[-2000:]
             self._stop()
             raise ConfigError(f"the sandbox kernel did not start ({self.isolation}). Check that ipykernel is "
                               f"installed for {wrapped.argv[len(prefix)]}. Kernel log:\n{detail}") from None
@@ -252,6 +263,7 @@ class Sandbox:
         with self._lock:
             self._stop()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            os.close(self._owner_fd)
             if self._own_dir:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
         _LIVE.discard(self)
@@ -277,6 +289,8 @@ class Sandbox:
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, not {type(code).__name__}")
         timeout = self.limits.timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         with self._lock:
             if self._closed:
                 raise RuntimeError("this sandbox is closed; create a new one")

@@ -18,6 +18,7 @@ the *thread* that forked the child ends, and Streamlit runs every script run in 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -131,7 +132,7 @@ def bwrap_version() -> tuple[int, ...]:
         return (0,)
 
 
-def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...], tmp_mb: int = 256) -> list[str]:
+def bwrap_args(work_dir: Path, kernel_dir: Path, ro_dirs: tuple[str, ...], tmp_mb: int = 256) -> list[str]:
     """bubblewrap options for a kernel that may write only work_dir (and a private, capped /tmp)."""
     args = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox"]
@@ -156,7 +157,7 @@ def bwrap_args(work_dir: Path, runtime_dir: Path, ro_dirs: tuple[str, ...], tmp_
     parent = str(work_dir.parent)
     if any(parent.startswith(d + os.sep) for d in ro_dirs) and not any(d.startswith(parent + os.sep) for d in ro_dirs):
         args += ["--tmpfs", parent]
-    args += ["--bind", str(work_dir), str(work_dir), "--bind", str(runtime_dir), str(runtime_dir),
+    args += ["--bind", str(work_dir), str(work_dir), "--bind", str(kernel_dir), str(kernel_dir),
              "--remount-ro", "/",  # the root holding the mount points is a tmpfs too: no writes there
              "--chdir", str(work_dir), "--"]
     return args
@@ -189,7 +190,7 @@ def launcher_args(memory_mb: int, cpu_seconds: int, supervise: bool) -> list[str
             str(int(supervise))]
 
 
-def minimal_env(work_dir: Path, runtime_dir: Path, executable: str = sys.executable) -> dict[str, str]:
+def minimal_env(work_dir: Path, kernel_dir: Path, executable: str = sys.executable) -> dict[str, str]:
     """The kernel's whole environment: nothing of ours (API keys, tokens) leaks in."""
     threads = str(min(4, os.cpu_count() or 1))  # OpenBLAS reserves memory per thread; RLIMIT_AS counts it
     return {
@@ -198,8 +199,8 @@ def minimal_env(work_dir: Path, runtime_dir: Path, executable: str = sys.executa
         "LANG": "C.UTF-8",
         "TMPDIR": "/tmp",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-        "MPLCONFIGDIR": str(runtime_dir / "mpl"),
-        "IPYTHONDIR": str(runtime_dir / "ipython"),
+        "MPLCONFIGDIR": str(kernel_dir / "mpl"),
+        "IPYTHONDIR": str(kernel_dir / "ipython"),
         "JUPYTER_PLATFORM_DIRS": "1",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
@@ -208,6 +209,50 @@ def minimal_env(work_dir: Path, runtime_dir: Path, executable: str = sys.executa
         "OPENBLAS_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
     }
+
+
+# --- runtime directories of an app that was killed ----------------------------------------------
+RUNTIME_PREFIX = "chatglm-k-"
+_swept = False
+
+
+def claim_runtime_dir(runtime_dir: Path, own_work_dir: Path | None) -> int:
+    """Lock runtime_dir for this process (the lock goes when the process does, however it ends).
+
+    The lock file appears under its final name already locked, so a sweeper never sees it free.
+    The work dir we created is recorded beside it (outside what the kernel can write).
+    """
+    if own_work_dir is not None:
+        (runtime_dir / "work_dir").write_text(str(own_work_dir))
+    tmp = runtime_dir / "owner.lock.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(tmp, runtime_dir / "owner.lock")
+    return fd
+
+
+def sweep_stale_runtime_dirs() -> None:
+    """Once per process: remove what sandboxes of dead processes (SIGKILL, power loss) left behind."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    for d in Path(tempfile.gettempdir()).glob(RUNTIME_PREFIX + "*"):
+        try:
+            fd = os.open(d / "owner.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner is alive
+        finally:
+            os.close(fd)
+        record = d / "work_dir"
+        work = Path(record.read_text()) if record.is_file() else None
+        if work is not None and work.name.startswith("sb-"):
+            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 # --- processes ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from chatglm_core.errors import ConfigError
 from chatglm_core.sandbox import TRUNCATED, ExecResult, Sandbox, truncate
+from chatglm_core import sandbox_jail as jail
 from chatglm_core.sandbox_jail import bwrap_probe
 from chatglm_core.sandbox_pool import SandboxPool
 from chatglm_core.settings import Settings
@@ -182,6 +183,22 @@ def test_interrupt_from_another_thread(box):
     assert box.run("1").text == "1\n"
 
 
+def test_a_kernel_that_died_between_runs_is_replaced_with_a_notice(plain):
+    plain.run("import os, threading\nthreading.Timer(0.2, os._exit, [5]).start()")
+    time.sleep(1)
+    r = plain.run("print('next')")
+    assert r.status == "ok"
+    assert r.text == "[the previous kernel died (exit code 5); started a fresh one]\nnext\n"
+
+
+def test_close_from_another_thread_ends_a_running_cell(root):
+    sb = Sandbox(root=root)
+    threading.Timer(0.5, sb.close).start()
+    r = sb.run("import time; time.sleep(20)")
+    assert r.status == "died" and r.elapsed < 5 and "fresh kernel" not in r.error
+    assert wait_until(lambda: sb.closed and not procs_with(str(sb.runtime_dir)))
+
+
 @pytest.mark.parametrize("code, how", [("import os; os._exit(3)", "exit code 3"),
                                        ("import ctypes; ctypes.string_at(0)", "SIGSEGV")])
 def test_kernel_death_is_reported_and_the_next_run_gets_a_fresh_kernel(plain, code, how):
@@ -334,6 +351,13 @@ def test_bad_configuration_is_a_clear_error(tmp_path):
         Sandbox(memory_gb=2)
 
 
+def test_bad_run_arguments_are_clear_errors(box):
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        box.run("1", timeout=0)
+    with pytest.raises(TypeError, match="code must be a str"):
+        box.run(b"1")
+
+
 def test_a_named_kernel_spec_is_used(tmp_path, monkeypatch):
     spec_dir = tmp_path / "jupyter" / "kernels" / "mine"
     spec_dir.mkdir(parents=True)
@@ -389,7 +413,7 @@ if sys.argv[2] == "hang":
 
 
 @pytest.mark.parametrize("ending", ["exit", "hang"])
-def test_no_kernel_outlives_the_owning_process(tmp_path, ending):
+def test_no_kernel_outlives_the_owning_process(tmp_path, ending, monkeypatch, plain):
     sleeper = f"1000.{os.getpid()}{len(ending)}"  # unique to this test, so leftovers elsewhere don't count
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path), ending, sleeper], cwd=REPO,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -406,8 +430,12 @@ def test_no_kernel_outlives_the_owning_process(tmp_path, ending):
     finally:
         owner.kill()
     assert wait_until(lambda: not any(procs_with(d) for d in runtime_dirs) and not procs_with(sleeper))
-    if ending == "exit":  # after SIGKILL nobody is left to remove the directories
-        assert not any((tmp_path / "sandboxes").iterdir()) and not any(Path(d).exists() for d in runtime_dirs)
+    if ending == "hang":  # nobody was left to remove the directories: the next process's first sandbox does
+        assert all(Path(d).exists() for d in runtime_dirs)
+        monkeypatch.setattr(jail, "_swept", False)
+        jail.sweep_stale_runtime_dirs()
+        assert plain.runtime_dir.exists() and plain.run("1").text == "1\n"  # a live owner's dirs stay
+    assert not any((tmp_path / "sandboxes").iterdir()) and not any(Path(d).exists() for d in runtime_dirs)
 
 
 def test_pool_one_sandbox_per_session_and_idle_reaping(tmp_path):
