@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from chatglm_core import sandbox_jail as jail
 from chatglm_core.errors import ConfigError
 from chatglm_core.sandbox import TRUNCATED, ExecResult, Sandbox, truncate
-from chatglm_core import sandbox_jail as jail
 from chatglm_core.sandbox_jail import bwrap_probe
 from chatglm_core.sandbox_pool import SandboxPool
 from chatglm_core.settings import Settings
