@@ -149,3 +149,11 @@ def test_chatglm3_checkpoint_through_the_engine(small_settings):
                                     GenerationOptions(temperature=0, max_new_tokens=122))
     assert done.raw_text == ref["chat_greedy_text"]
     assert done.usage.completion_tokens == 122 and done.finish_reason == "length"
+
+
+def test_a_finished_generation_leaves_the_callers_event_alone(scripted):
+    cancel = threading.Event()
+    engine = Engine(scripted.enqueue("one", "two"))
+    assert collect(engine, FRANCE, cancel=cancel)[0] == "one"
+    assert not cancel.is_set()  # the same event can drive the next round of a tool loop
+    assert collect(engine, FRANCE, cancel=cancel)[0] == "two"
