@@ -1,0 +1,29 @@
+"""The Streamlit app: `streamlit run main.py`. Chat, tool calling and a code interpreter on one model.
+
+This script runs on every interaction of every browser session. It loads the engine once per
+process (st.cache_resource), draws the shared sidebar and hands over to the page picked in the
+navigation. Pages live in pages/; what they share lives in webui/.
+"""
+
+import streamlit as st
+
+from webui import sidebar, state
+
+st.set_page_config(page_title="ChatGLM Workbench", page_icon=":material/forum:", layout="centered")
+
+# A rerun interrupts the script; whatever this session was generating must stop with it.
+state.stop_generation()
+state.client_id()
+
+PAGES = {
+    "chat": st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True),
+    "tools": st.Page("pages/tools.py", title="Tool", icon=":material/build:"),
+    "interpreter": st.Page("pages/code_interpreter.py", title="Code Interpreter", icon=":material/terminal:"),
+}
+page = st.navigation(list(PAGES.values()))
+mode = next(m for m, p in PAGES.items() if p.url_path == page.url_path)
+st.session_state["mode"] = mode
+
+engine = state.engine()  # spinner on first load; a load error is shown here and the app stays up
+sidebar.show(mode, engine)
+page.run()

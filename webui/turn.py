@@ -1,0 +1,177 @@
+"""One live turn: stream engine/agent events into bubbles, with a Stop that really stops.
+
+How stopping works with Streamlit's reruns: any click (the Stop button, a new message, a sidebar
+widget) while the script streams makes Streamlit raise a rerun exception inside the script at its
+next element update. The ``finally`` below then sets the generation's cancel event (the engine
+stops within a token and frees the model for other sessions) and saves the partial reply, which
+is already in the conversation because it grows there as it streams.
+
+Events are pulled on a helper thread and handed over through a queue, so the script updates a
+"waiting" line a few times a second even while no token arrives (queued behind another
+session, prompt processing, a tool or kernel running): Streamlit only notices a click when the
+script touches an element, and this keeps a Stop prompt in every phase.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import streamlit as st
+
+from chatglm_core.errors import ChatGLMError
+from chatglm_core.messages import (
+    Done,
+    Message,
+    NeedObservation,
+    Role,
+    TextDelta,
+    ToolCallEvent,
+    ToolResultEvent,
+)
+from chatglm_core.store import Conversation
+from webui import state
+from webui.bubbles import OBSERVATION_AVATAR, show_call, show_observation
+from webui.markdown import to_markdown
+
+POLL_S = 0.25
+_END = object()
+
+
+def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[Any]], *,
+             on_stop: Callable[[], None] | None = None) -> NeedObservation | None:
+    """Render `events(cancel)` live; returns the NeedObservation that paused a manual-mode turn."""
+    cancel = threading.Event()
+    st.session_state["cancel"] = cancel
+    st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=state.stop_generation)
+    live = _LiveTurn(conv)
+    finished = False
+    try:
+        result = live.consume(_pump(events, cancel))
+        finished = True
+        return result
+    except ChatGLMError as e:
+        finished = True
+        st.error(f"Generation failed: {e}")
+    finally:
+        cancel.set()
+        if not finished and on_stop is not None:
+            on_stop()
+        st.session_state.pop("cancel", None)
+        live.close(stopped=not finished)
+        state.save(conv)
+    return None
+
+
+def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event) -> Iterator[Any]:
+    """Yield events from a helper thread; yields None every POLL_S while nothing arrives."""
+    box: queue.Queue[Any] = queue.Queue()
+
+    def work() -> None:
+        try:
+            for ev in events(cancel):
+                box.put(ev)
+                if cancel.is_set():
+                    break
+        except BaseException as e:  # re-raised on the script thread
+            box.put(e)
+        finally:
+            box.put(_END)
+
+    threading.Thread(target=work, name="webui-turn", daemon=True).start()
+    while True:
+        try:
+            ev = box.get(timeout=POLL_S)
+        except queue.Empty:
+            yield None
+            continue
+        if ev is _END:
+            return
+        if isinstance(ev, BaseException):
+            raise ev
+        yield ev
+
+
+class _LiveTurn:
+    def __init__(self, conv: Conversation) -> None:
+        self.conv = conv
+        self.partial: Message | None = None  # the assistant message growing right now
+        self.text_slot: Any = None
+        self.bubble: Any = None
+        self.waiting = st.empty()
+        self.started = time.monotonic()
+
+    def consume(self, events: Iterator[Any]) -> NeedObservation | None:
+        for ev in events:
+            if ev is None:
+                self.waiting.caption(f"⏳ working… {time.monotonic() - self.started:.0f} s")
+                continue
+            if isinstance(ev, TextDelta):
+                self._text(ev.text)
+            elif isinstance(ev, Done):
+                self._done(ev)
+            elif isinstance(ev, ToolCallEvent):
+                self.waiting.caption(f"⏳ running {ev.call.name}…")
+            elif isinstance(ev, ToolResultEvent):
+                self._result(ev)
+            elif isinstance(ev, NeedObservation):
+                self.waiting.empty()
+                return ev
+        self.waiting.empty()
+        return None
+
+    def _assistant_bubble(self) -> Any:
+        if self.bubble is None:
+            self.bubble = st.chat_message("assistant")
+        return self.bubble
+
+    def _text(self, text: str) -> None:
+        if self.partial is None:
+            self.partial = Message(Role.ASSISTANT, "")
+            self.conv.messages.append(self.partial)
+            self.text_slot = self._assistant_bubble().empty()
+        self.partial.content += text
+        self.text_slot.markdown(to_markdown(self.partial.content) + " ▌")
+
+    def _done(self, ev: Done) -> None:
+        message = ev.message
+        if self.partial is not None:
+            self.conv.messages[self.conv.messages.index(self.partial)] = message
+        elif message.content or message.tool_calls or ev.finish_reason == "cancelled":
+            self.conv.messages.append(message)
+        bubble = self._assistant_bubble()
+        if self.text_slot is not None:
+            self.text_slot.markdown(to_markdown(message.content))
+        elif message.content:
+            bubble.markdown(to_markdown(message.content))
+        if ev.finish_reason == "cancelled":
+            state.mark_stopped(message)
+            bubble.caption("⏹ stopped — the partial reply is kept")
+        if ev.parse_error:
+            bubble.warning(f"The model's tool call could not be read: {ev.parse_error}")
+        with bubble:
+            for call in message.tool_calls:
+                show_call(call)
+        # the next round (after a tool result) opens a new bubble
+        self.partial, self.text_slot, self.bubble = None, None, None
+
+    def _result(self, ev: ToolResultEvent) -> None:
+        self.waiting.empty()
+        self.conv.messages.append(ev.message)
+        with st.chat_message("observation", avatar=OBSERVATION_AVATAR):
+            show_observation(ev.message)
+            if not ev.ok:
+                st.caption("the tool reported an error; the model sees it as the result")
+
+    def close(self, *, stopped: bool) -> None:
+        """Bookkeeping only (no element updates: this may run while Streamlit unwinds a rerun)."""
+        if self.partial is None:
+            return
+        if not self.partial.content.strip():
+            self.conv.messages.remove(self.partial)
+        elif stopped:
+            state.mark_stopped(self.partial)
+
