@@ -2,7 +2,9 @@
 
 This script runs on every interaction of every browser session. It loads the engine once per
 process (st.cache_resource), draws the shared sidebar and hands over to the page picked in the
-navigation. Pages live in pages/; what they share lives in webui/.
+navigation. Pages live in app_pages/ (not pages/: a folder of that name switches Streamlit to
+its older automatic multipage mode, which bypasses this script on reruns); what they share
+lives in webui/.
 """
 
 import streamlit as st
@@ -16,9 +18,9 @@ state.stop_generation()
 state.client_id()
 
 PAGES = {
-    "chat": st.Page("pages/chat.py", title="Chat", icon=":material/chat:", default=True),
-    "tools": st.Page("pages/tools.py", title="Tool", icon=":material/build:"),
-    "interpreter": st.Page("pages/code_interpreter.py", title="Code Interpreter", icon=":material/terminal:"),
+    "chat": st.Page("app_pages/chat.py", title="Chat", icon=":material/chat:", default=True),
+    "tools": st.Page("app_pages/tools.py", title="Tool", icon=":material/build:"),
+    "interpreter": st.Page("app_pages/code_interpreter.py", title="Code Interpreter", icon=":material/terminal:"),
 }
 page = st.navigation(list(PAGES.values()))
 mode = next(m for m, p in PAGES.items() if p.url_path == page.url_path)

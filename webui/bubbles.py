@@ -59,7 +59,7 @@ def _edit_and_rerun(call: ToolCall) -> None:
     with st.popover("Edit & re-run", icon=":material/edit:"):
         code = st.text_area("Code", call.code, height=200, key=f"edit_{call.id}")
         if st.button("Run this code", key=f"rerun_{call.id}", type="primary"):
-            st.session_state["action_interpreter"] = ("rerun_code", call.id, code)
+            st.session_state["rerun_code"] = (call.id, code)
             st.rerun()
 
 

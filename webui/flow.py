@@ -21,6 +21,7 @@ def apply_action(mode: str) -> tuple[Conversation, bool]:
     action = st.session_state.pop(f"action_{mode}", None)
     if not action:
         return conv, False
+    st.session_state.pop(f"pending_{mode}", None)  # any action ends a wait for a manual observation
     kind, *args = action
     if kind in ("new", "clear"):
         if kind == "clear":

@@ -108,9 +108,9 @@ def _export_import(mode: str, conv: Conversation) -> None:
     with st.expander("Export / import"):
         name = f"{mode}-{conv.id[:8]}"
         st.download_button("Download JSON", conversation_to_json(conv), f"{name}.json", "application/json",
-                           disabled=not conv.messages, key="export_json")
+                           disabled=not conv.messages, key="export_json", on_click="ignore")
         st.download_button("Download Markdown", conversation_to_markdown(conv), f"{name}.md", "text/markdown",
-                           disabled=not conv.messages, key="export_md")
+                           disabled=not conv.messages, key="export_md", on_click="ignore")
         st.file_uploader("Import a JSON conversation", type=["json"], key=f"import_{mode}",
                          on_change=_import, args=(mode,))
         if error := st.session_state.pop("import_error", None):

@@ -43,18 +43,17 @@ _END = object()
 
 def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[Any]], *,
              on_stop: Callable[[], None] | None = None) -> NeedObservation | None:
-    """Render `events(cancel)` live; returns the NeedObservation that paused a manual-mode turn."""
+    """Render `events(cancel)` live, then rerun the page; returns the NeedObservation of a paused turn."""
     cancel = threading.Event()
     st.session_state["cancel"] = cancel
     st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=state.stop_generation)
     live = _LiveTurn(conv)
-    finished = False
+    finished = failed = False
     try:
-        result = live.consume(_pump(events, cancel))
+        paused = live.consume(_pump(events, cancel))
         finished = True
-        return result
     except ChatGLMError as e:
-        finished = True
+        finished = failed = True
         st.error(f"Generation failed: {e}")
     finally:
         cancel.set()
@@ -63,7 +62,11 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
         st.session_state.pop("cancel", None)
         live.close(stopped=not finished)
         state.save(conv)
-    return None
+    if failed:
+        return None  # no rerun: it would wipe the error message
+    if paused is None:
+        st.rerun()  # redraw the sidebar (Retry, the conversation list) for the new history
+    return paused
 
 
 def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event) -> Iterator[Any]:
@@ -173,5 +176,6 @@ class _LiveTurn:
         if not self.partial.content.strip():
             self.conv.messages.remove(self.partial)
         elif stopped:
+            self.partial.content = self.partial.content.rstrip()
             state.mark_stopped(self.partial)
 
