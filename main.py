@@ -10,11 +10,13 @@ lives in webui/.
 import streamlit as st
 
 from webui import sidebar, state
+from webui.turn import stop_generation
 
 st.set_page_config(page_title="ChatGLM Workbench", page_icon=":material/forum:", layout="centered")
 
-# A rerun interrupts the script; whatever this session was generating must stop with it.
-state.stop_generation()
+# Any interaction reruns the script: whatever this session was generating stops here, its partial
+# reply kept (the interrupted run may still be unwinding on its own thread; see webui/turn.py).
+stop_generation()
 state.client_id()
 
 PAGES = {

@@ -31,7 +31,7 @@ def show_history(messages: list[Message], *, mode: str) -> None:
             if m.content or not m.tool_calls:
                 st.markdown(to_markdown(m.content) or "*(empty reply)*")
             if state.was_stopped(m):
-                st.caption("⏹ stopped — the partial reply is kept")
+                st.caption(":material/stop_circle: stopped — the partial reply is kept")
             for call in m.tool_calls:
                 show_call(call, editable=call.id == last_code)
 

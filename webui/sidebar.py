@@ -18,6 +18,7 @@ from chatglm_core.errors import RequestError
 from chatglm_core.messages import Message, Role
 from chatglm_core.store import Conversation, conversation_from_json, conversation_to_json, conversation_to_markdown
 from webui import state
+from webui.bubbles import escape_md
 
 
 def show(mode: str, engine: Engine | None) -> None:
@@ -74,11 +75,11 @@ def _conversation_actions(mode: str, conv: Conversation) -> None:
 
     has_user = any(m.role is Role.USER for m in conv.messages)
     c1, c2, c3 = st.columns(3)
-    c1.button("New", key="new_conv", on_click=act, args=("new",), icon=":material/add:", help="Start a new conversation")
-    c2.button("Clear", key="clear_conv", on_click=act, args=("clear",), icon=":material/delete_sweep:",
-              help="Clear this conversation", disabled=not conv.messages)
-    c3.button("Retry", key="regenerate", on_click=act, args=("regenerate",), icon=":material/refresh:",
-              help="Regenerate the last reply", disabled=not has_user)
+    c1.button("New", key="new_conv", on_click=act, args=("new",), help="Start a new conversation", width="stretch")
+    c2.button("Clear", key="clear_conv", on_click=act, args=("clear",), help="Clear this conversation",
+              disabled=not conv.messages, width="stretch")
+    c3.button("Retry", key="regenerate", on_click=act, args=("regenerate",), help="Regenerate the last reply",
+              disabled=not has_user, width="stretch")
     last_user = next((m.content for m in reversed(conv.messages) if m.role is Role.USER), None)
     if last_user is not None:
         with st.expander("Edit last message"):
@@ -96,7 +97,8 @@ def _history(mode: str, current: Conversation) -> None:
     st.subheader("Conversations", divider="gray")
     for conv in past:
         c1, c2 = st.columns([5, 1])
-        label = ("▶ " if conv.id == current.id else "") + (conv.title or "(untitled)")
+        # a title is the user's text: escaped, so button-label markdown (links, images) stays text
+        label = ("▶ " if conv.id == current.id else "") + escape_md(conv.title or "(untitled)")
         c1.button(label, key=f"open_{conv.id}", help=time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.updated_at)),
                   on_click=lambda cid=conv.id: st.session_state.update({f"action_{mode}": ("open", cid)}),
                   width="stretch")

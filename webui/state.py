@@ -8,7 +8,6 @@ conversation in ``st.session_state``; every finished (or stopped) turn is saved.
 from __future__ import annotations
 
 import re
-import threading
 import uuid
 
 import streamlit as st
@@ -99,13 +98,6 @@ def save(conv: Conversation) -> None:
     """Persist a conversation that has something in it."""
     if conv.messages:
         store().save(conv)
-
-
-def stop_generation() -> None:
-    """Set the cancel event of this session's generation in flight, if any (a real stop)."""
-    cancel: threading.Event | None = st.session_state.get("cancel")
-    if cancel is not None:
-        cancel.set()
 
 
 def mark_stopped(message: object) -> None:

@@ -10,6 +10,11 @@ Events are pulled on a helper thread and handed over through a queue, so the scr
 "waiting" line a few times a second even while no token arrives (queued behind another
 session, prompt processing, a tool or kernel running): Streamlit only notices a click when the
 script touches an element, and this keeps a Stop prompt in every phase.
+
+With ``runner.fastReruns`` (Streamlit's default) the new run starts at once on a fresh thread
+while the old one is still unwinding, so the new run must not wait for that ``finally``: main.py
+calls `stop_generation()` first thing, which sets the in-flight turn's cancel event and marks its
+partial reply as stopped before the page draws the history.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from chatglm_core.messages import (
 )
 from chatglm_core.store import Conversation
 from webui import state
-from webui.bubbles import OBSERVATION_AVATAR, show_call, show_observation
+from webui.bubbles import OBSERVATION_AVATAR, escape_md, show_call, show_observation
 from webui.markdown import to_markdown
 
 POLL_S = 0.25
@@ -45,9 +50,9 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
              on_stop: Callable[[], None] | None = None) -> NeedObservation | None:
     """Render `events(cancel)` live, then rerun the page; returns the NeedObservation of a paused turn."""
     cancel = threading.Event()
-    st.session_state["cancel"] = cancel
-    st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=state.stop_generation)
-    live = _LiveTurn(conv)
+    live = _LiveTurn(conv, cancel)
+    st.session_state["inflight"] = live
+    st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=stop_generation)
     finished = failed = False
     try:
         paused = live.consume(_pump(events, cancel))
@@ -59,7 +64,8 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
         cancel.set()
         if not finished and on_stop is not None:
             on_stop()
-        st.session_state.pop("cancel", None)
+        if st.session_state.get("inflight") is live:  # a newer run may have started its own turn
+            del st.session_state["inflight"]
         live.close(stopped=not finished)
         state.save(conv)
     if failed:
@@ -98,9 +104,18 @@ def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.
         yield ev
 
 
+def stop_generation() -> None:
+    """Stop this session's turn in flight, if any: set its cancel event, keep its partial reply."""
+    live = st.session_state.get("inflight")
+    if live is not None:
+        live.stop()
+
+
 class _LiveTurn:
-    def __init__(self, conv: Conversation) -> None:
+    def __init__(self, conv: Conversation, cancel: threading.Event) -> None:
         self.conv = conv
+        self.cancel = cancel  # the engine's (it also sets it itself when a generation ends)
+        self.stopped = threading.Event()  # the user's: set only by stop()
         self.partial: Message | None = None  # the assistant message growing right now
         self.text_slot: Any = None
         self.bubble: Any = None
@@ -110,14 +125,16 @@ class _LiveTurn:
     def consume(self, events: Iterator[Any]) -> NeedObservation | None:
         for ev in events:
             if ev is None:
-                self.waiting.caption(f"⏳ working… {time.monotonic() - self.started:.0f} s")
+                self.waiting.caption(f":material/hourglass_top: working… {time.monotonic() - self.started:.0f} s")
                 continue
             if isinstance(ev, TextDelta):
+                if self.partial is None:
+                    self.waiting.empty()
                 self._text(ev.text)
             elif isinstance(ev, Done):
                 self._done(ev)
             elif isinstance(ev, ToolCallEvent):
-                self.waiting.caption(f"⏳ running {ev.call.name}…")
+                self.waiting.caption(f":material/hourglass_top: running {escape_md(ev.call.name)}…")
             elif isinstance(ev, ToolResultEvent):
                 self._result(ev)
             elif isinstance(ev, NeedObservation):
@@ -132,6 +149,8 @@ class _LiveTurn:
         return self.bubble
 
     def _text(self, text: str) -> None:
+        if self.stopped.is_set():
+            return  # stopped: the partial reply is final
         if self.partial is None:
             self.partial = Message(Role.ASSISTANT, "")
             self.conv.messages.append(self.partial)
@@ -140,6 +159,8 @@ class _LiveTurn:
         self.text_slot.markdown(to_markdown(self.partial.content) + " ▌")
 
     def _done(self, ev: Done) -> None:
+        if self.stopped.is_set():
+            return  # stop() already settled the partial reply
         message = ev.message
         if self.partial is not None:
             self.conv.messages[self.conv.messages.index(self.partial)] = message
@@ -152,7 +173,7 @@ class _LiveTurn:
             bubble.markdown(to_markdown(message.content))
         if ev.finish_reason == "cancelled":
             state.mark_stopped(message)
-            bubble.caption("⏹ stopped — the partial reply is kept")
+            bubble.caption(":material/stop_circle: stopped — the partial reply is kept")
         if ev.parse_error:
             bubble.warning(f"The model's tool call could not be read: {ev.parse_error}")
         with bubble:
@@ -169,13 +190,20 @@ class _LiveTurn:
             if not ev.ok:
                 st.caption("the tool reported an error; the model sees it as the result")
 
+    def stop(self) -> None:
+        """Called from the next run (or the Stop button's callback): no element updates here."""
+        self.stopped.set()
+        self.cancel.set()
+        self.close(stopped=True)
+
     def close(self, *, stopped: bool) -> None:
         """Bookkeeping only (no element updates: this may run while Streamlit unwinds a rerun)."""
-        if self.partial is None:
+        partial = self.partial
+        if partial is None:
             return
-        if not self.partial.content.strip():
-            self.conv.messages.remove(self.partial)
+        if not partial.content.strip():
+            self.conv.messages[:] = [m for m in self.conv.messages if m is not partial]
         elif stopped:
-            self.partial.content = self.partial.content.rstrip()
-            state.mark_stopped(self.partial)
+            partial.content = partial.content.rstrip()
+            state.mark_stopped(partial)
 
