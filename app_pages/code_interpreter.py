@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from chatglm_core.messages import INTERPRETER, ToolCall
+from chatglm_core.messages import INTERPRETER, ToolCall, ToolResultEvent
 from webui import flow, interpreter_panel, sidebar, state
 from webui.turn import run_turn
 
@@ -13,9 +13,9 @@ engine = state.loaded_engine()
 try:
     from chatglm_core.agent import run_agent
     from chatglm_core.sandbox_pool import SandboxPool  # noqa: F401  (the kernel pool this page needs)
-except ImportError:
-    st.info("The code interpreter needs `chatglm_core.agent` and `chatglm_core.sandbox_pool`, "
-            "which this build does not have yet.")
+    from tools.registry import ToolRegistry
+except ImportError as e:
+    st.info(f"The code interpreter is not available in this build ({e}).")
     st.stop()
 
 interpreter_panel.show()
@@ -45,10 +45,12 @@ if generate and engine is not None and (box := interpreter_panel.sandbox()) is n
         history = list(messages)
         if edited is not None:
             for ev in interpreter_panel.run_code_events(box, edited):
-                history.append(ev.message)
+                if isinstance(ev, ToolResultEvent):
+                    history.append(ev.message)
                 yield ev
         if not cancel.is_set():
-            yield from run_agent(engine, history, registry=None, options=options, tool_choice="auto", sandbox=box,
+            # no tools here, only the interpreter: an empty registry
+            yield from run_agent(engine, history, registry=ToolRegistry(), options=options, sandbox=box,
                                  max_rounds=state.settings().max_tool_rounds, cancel=cancel)
 
     run_turn(conv, events, on_stop=box.interrupt)

@@ -13,8 +13,9 @@ st.title("Tool")
 engine = state.loaded_engine()
 try:
     from chatglm_core.agent import run_agent
-except ImportError:
-    st.info("Tool calling needs `chatglm_core.agent`, which this build does not have yet.")
+    from tools import build_registry  # noqa: F401  (the registry this page edits)
+except ImportError as e:
+    st.info(f"Tool calling is not available in this build ({e}).")
     st.stop()
 
 setup = tools_panel.show()
@@ -44,7 +45,7 @@ if generate and engine is not None:
     messages = sidebar.system_messages(MODE) + conv.messages
     options = sidebar.generation_options()
     paused = run_turn(conv, lambda cancel: run_agent(
-        engine, messages, registry=registry, options=options, tool_choice=setup.tool_choice, sandbox=None,
+        engine, messages, registry=registry, options=options, tool_choice=setup.agent_tool_choice, sandbox=None,
         max_rounds=state.settings().max_tool_rounds, cancel=cancel))
     if isinstance(paused, NeedObservation):
         st.session_state[f"pending_{MODE}"] = paused.call

@@ -12,7 +12,7 @@ from typing import Any
 
 import streamlit as st
 
-from chatglm_core.messages import INTERPRETER, Message, Role, ToolCall, ToolResultEvent
+from chatglm_core.messages import INTERPRETER, Message, Role, ToolCall, ToolCallEvent, ToolResultEvent
 from webui import state
 from webui.bubbles import escape_md
 
@@ -103,7 +103,9 @@ def _size(n: int) -> str:
 
 def run_code_events(box: Any, call: ToolCall) -> Any:
     """Run an edited cell directly (no model), as the events an agent round would give."""
-    result = box.run(call.code)
-    message = Message(Role.TOOL, result.observation(), tool_call_id=call.id, name=INTERPRETER,
-                      images=list(result.images))
+    from chatglm_core.agent import exec_result_text
+
+    yield ToolCallEvent(call)
+    result = exec_result_text(box.run(call.code))
+    message = Message(Role.TOOL, result.content, tool_call_id=call.id, name=INTERPRETER, images=result.images)
     yield ToolResultEvent(call, message, result.ok)

@@ -29,6 +29,11 @@ class ToolSetup:
     tool_choice: str  # "auto", "required", "none" or a tool name
     manual: bool  # the user types every observation
 
+    @property
+    def agent_tool_choice(self) -> str | dict[str, str]:
+        """run_agent's form: the three keywords as they are, a tool name as {"name": ...}."""
+        return self.tool_choice if self.tool_choice in ("auto", "required", "none") else {"name": self.tool_choice}
+
 
 @st.cache_resource(show_spinner=False)
 def base_registry() -> Any:
