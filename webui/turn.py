@@ -48,22 +48,28 @@ _END = object()
 
 def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[Any]], *,
              on_stop: Callable[[], None] | None = None) -> NeedObservation | None:
-    """Render `events(cancel)` live, then rerun the page; returns the NeedObservation of a paused turn."""
+    """Render `events(cancel)` live, then rerun the page; returns the NeedObservation of a paused turn.
+
+    `cancel` is set when the user stops the turn; the events generator is also closed then, which
+    is how an agent loop (that must not get `cancel`, see the tool pages) is stopped.
+    """
     cancel = threading.Event()
     live = _LiveTurn(conv, cancel)
     st.session_state["inflight"] = live
     st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=stop_generation)
     finished = failed = False
     try:
-        paused = live.consume(_pump(events, cancel))
+        paused = live.consume(_pump(events, cancel, live.stopped))
         finished = True
     except ChatGLMError as e:
         finished = failed = True
         st.error(f"Generation failed: {e}")
     finally:
+        if not finished:
+            live.stop()
+            if on_stop is not None:
+                on_stop()
         cancel.set()
-        if not finished and on_stop is not None:
-            on_stop()
         if st.session_state.get("inflight") is live:  # a newer run may have started its own turn
             del st.session_state["inflight"]
         live.close(stopped=not finished)
@@ -75,19 +81,28 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
     return paused
 
 
-def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event) -> Iterator[Any]:
-    """Yield events from a helper thread; yields None every POLL_S while nothing arrives."""
+def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event,
+          stopped: threading.Event) -> Iterator[Any]:
+    """Yield events from a helper thread; yields None every POLL_S while nothing arrives.
+
+    Once `stopped` is set the helper closes the events generator at its next event (within a
+    token), which ends an agent loop and, through it, the engine's generation.
+    """
     box: queue.Queue[Any] = queue.Queue()
 
     def work() -> None:
+        gen = events(cancel)
         try:
-            for ev in events(cancel):
-                box.put(ev)
-                if cancel.is_set():
+            for ev in gen:
+                if stopped.is_set():
                     break
+                box.put(ev)
         except BaseException as e:  # re-raised on the script thread
             box.put(e)
         finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
             box.put(_END)
 
     threading.Thread(target=work, name="webui-turn", daemon=True).start()
