@@ -281,3 +281,115 @@ def test_a_model_that_fails_to_load_shows_what_to_do(app_env, monkeypatch):
         assert not at.error and "SmolLM2" in at.sidebar.caption[0].value
     finally:
         state._engine_or_error.clear()
+
+
+# --- the Tool and Code Interpreter pages (need the agent, tools and sandbox modules) ------------------
+def needs(*modules: str) -> None:
+    for m in modules:
+        pytest.importorskip(m, reason=f"{m} is not merged into this branch yet")
+
+
+def on_page(page: str, cid: str | None = None) -> AppTest:
+    at = new_app(cid)
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_tool_page_real_model_reply(app_env):
+    needs("chatglm_core.agent", "tools")
+    at = on_page("app_pages/tools.py")
+    at.sidebar.selectbox(key="tool_choice").set_value("none").run()  # a constrained call is slow on 2 cores
+    send(at, "Hello there.")
+    assert [n for n, _ in bubbles(at)] == ["user", "assistant"] and bubbles(at)[1][1].strip()
+
+
+def test_tool_page_calls_observations_toggles_and_manual_mode(app_env, fake_engine, scripted):
+    needs("chatglm_core.agent", "tools")
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
+    scripted.enqueue(call, "It is 42.")
+    fake_engine(scripted)
+    at = on_page("app_pages/tools.py")
+    assert "calculator" in [c.label for c in at.sidebar.checkbox]
+    send(at, "What is 6*7?")
+    names = [m.name for m in at.main.chat_message]
+    assert names == ["user", "assistant", "observation", "assistant"]
+    call_bubble, observation = at.main.chat_message[1], at.main.chat_message[2]
+    assert "Calling tool **calculator**" in call_bubble.markdown[0].value
+    assert json.loads(call_bubble.code[0].value) == {"expression": "6*7"}
+    assert observation.code[0].value == "42"  # the real calculator tool ran
+    assert bubbles(at)[-1] == ("assistant", "It is 42.")
+
+    # a disabled tool is not run: the model gets an error result instead
+    at.sidebar.checkbox(key="tool_on_calculator").uncheck().run()
+    assert not at.session_state["tool_registry"].is_enabled("calculator")
+    scripted.enqueue(call, "I could not.")
+    send(at, "And 6*7 again?")
+    assert "unknown tool 'calculator'" in at.main.chat_message[-2].code[0].value
+
+    # manual mode: the user types the observation, then the model continues with it
+    at.sidebar.checkbox(key="tool_on_calculator").check().run()
+    at.sidebar.toggle(key="tool_manual").set_value(True).run()
+    scripted.enqueue(call, "Thanks, so it is 41.")
+    send(at, "One more time: 6*7?")
+    assert at.main.text_area(key="observation_text")
+    at.main.text_area(key="observation_text").input("41")
+    at.main.button[-1].click().run()  # the form's submit button
+    assert not at.exception
+    assert bubbles(at)[-1] == ("assistant", "Thanks, so it is 41.")
+    last = at.session_state["conv_tools"].messages
+    assert last[-2].role is Role.TOOL and last[-2].content == "41" and last[-2].name == "calculator"
+
+
+def test_tool_page_yaml_upload(app_env):
+    needs("chatglm_core.agent", "tools")
+    at = on_page("app_pages/tools.py")
+    manual_tool = ("tools:\n  - name: ask_boss\n    description: Ask the boss.\n    parameters:\n      type: object\n"
+                   "      properties: {q: {type: string}}\n    manual: true\n")
+    at.sidebar.text_area(key="tools_yaml").input(manual_tool).run()
+    at.sidebar.button(key="tools_reload").click().run()
+    assert "ask_boss" in [c.label for c in at.sidebar.checkbox]
+    assert any("Loaded 1 tool(s): ask_boss" in s.value for s in at.sidebar.success)
+    python_tool = manual_tool.replace("manual: true", "python: os:system")
+    at.sidebar.text_area(key="tools_yaml").input(python_tool).run()
+    at.sidebar.button(key="tools_reload").click().run()
+    assert any("'python:'" in e.value for e in at.sidebar.error)
+    assert at.session_state["tool_registry"].get("ask_boss").manual  # the failed reload changed nothing
+    other = on_page("app_pages/tools.py")  # another session: its own registry
+    assert "ask_boss" not in [c.label for c in other.sidebar.checkbox]
+
+
+def test_interpreter_page_real_model_reply(app_env):
+    needs("chatglm_core.agent", "chatglm_core.sandbox_pool")
+    at = on_page("app_pages/code_interpreter.py")
+    send(at, "Hi!")
+    assert bubbles(at)[0] == ("user", "Hi!") and len(bubbles(at)) >= 2
+
+
+def test_interpreter_page_code_outputs_images_and_rerun(app_env, fake_engine, scripted):
+    needs("chatglm_core.agent", "chatglm_core.sandbox_pool")
+    plot = ("import matplotlib.pyplot as plt\n"
+            "plt.plot([1, 2, 3]); plt.savefig('plot.png'); plt.show()\nprint('drawn')")
+    scripted.enqueue(f"Plotting.\n```python\n{plot}\n```", "Here is the plot.")
+    fake_engine(scripted)
+    at = on_page("app_pages/code_interpreter.py")
+    send(at, "Plot 1 2 3.")
+    names = [m.name for m in at.main.chat_message]
+    assert names == ["user", "assistant", "observation", "assistant"], names
+    code_bubble, observation = at.main.chat_message[1], at.main.chat_message[2]
+    assert code_bubble.code[0].value == plot
+    assert "drawn" in observation.code[0].value
+    assert len(observation.get("image")) == 1  # the figure, shown as an image
+    assert any(b.label.replace("\\", "").startswith("plot.png") for b in at.sidebar.download_button)  # written by the code
+
+    # edit the code and re-run it: the kernel runs the new cell, the model continues from its output
+    scripted.enqueue("Now it prints 7.")
+    at.main.text_area[0].input("print(3 + 4)")
+    at.main.button[0].click().run()
+    assert not at.exception
+    messages = at.session_state["conv_interpreter"].messages
+    assert messages[1].tool_calls[0].code == "print(3 + 4)"
+    assert messages[2].content == "7"
+    assert bubbles(at)[-1] == ("assistant", "Now it prints 7.")
+    at.sidebar.button(key="kernel_restart").click().run()
+    assert not at.exception

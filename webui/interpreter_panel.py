@@ -46,7 +46,7 @@ def show() -> None:
         if c1.button("Interrupt", key="kernel_interrupt", icon=":material/stop:", disabled=not running):
             pool().get(state.client_id()).interrupt()
             st.toast("Sent an interrupt to the kernel")
-        if c2.button("Restart kernel", key="kernel_restart", icon=":material/restart_alt:"):
+        if c2.button("Restart", key="kernel_restart", icon=":material/restart_alt:", help="Restart the kernel: variables are lost, files stay"):
             _restart()
         box = pool().get(state.client_id()) if running else None
         if box is not None:
