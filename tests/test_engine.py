@@ -131,3 +131,21 @@ def test_backend_failure_becomes_generation_error(scripted):
         collect(engine, FRANCE)
     scripted.enqueue("still works")
     assert collect(engine, FRANCE)[0] == "still works"
+
+
+def test_chatglm3_checkpoint_through_the_engine(small_settings):
+    """MODEL_PATH at a ChatGLM3 folder: native loading, ChatGLM3 format, reference greedy reply."""
+    import json
+    from pathlib import Path
+
+    from chatglm_core.backends import load_backend
+    from chatglm_core.formats.chatglm3 import ChatGLM3Format
+
+    fixture = Path(__file__).parent / "fixtures" / "chatglm3-tiny"
+    ref = json.loads((fixture / "reference.json").read_text())
+    backend = load_backend(small_settings.model_copy(update={"model_path": str(fixture)}))
+    assert isinstance(backend.format, ChatGLM3Format)
+    done = Engine(backend).complete([Message(Role.USER, "hello world")],
+                                    GenerationOptions(temperature=0, max_new_tokens=122))
+    assert done.raw_text == ref["chat_greedy_text"]
+    assert done.usage.completion_tokens == 122 and done.finish_reason == "length"
