@@ -89,9 +89,14 @@ def test_quickstart_runs_end_to_end(jupyter_data_dir, small_engine, small_settin
     assert shown.data["text/markdown"] == second  # the display ends on the whole reply
     assert client.messages[index].count("update_display_data") > 1  # and was redrawn as it grew
 
-    tool = cell_text(cells["tool"][1])
-    assert "calculator" in tool.splitlines()[0]  # the registry lists it
-    assert "call:   calculator(" in tool and "result: 84" in tool and "answer:" in tool
+    from tools import dispatch_tool
+
+    tool = cell_text(cells["tool"][1]).splitlines()
+    assert tool[0].startswith("tools:") and "calculator" in tool[0]
+    assert tool[1].startswith("call:   calculator {")
+    arguments = json.loads(tool[1].partition("calculator ")[2])  # what the model asked for
+    assert tool[2] == f"result: {dispatch_tool('calculator', arguments).content}"  # what the tool said to that
+    assert tool[3].startswith("answer:")
 
     sandbox = cells["sandbox"][1]
     text = cell_text(sandbox)
