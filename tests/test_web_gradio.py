@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from chatglm_core.chat import options_from
+from chatglm_core.errors import GenerationError
 from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
 from chatglm_core.web_gradio import STOPPED, text_of, to_messages
 
@@ -173,6 +174,35 @@ def test_stop_button_cancels_the_engine_generation(small_backend, small_settings
         reason, tokens = spy.finished[0]
         assert reason == "cancelled" and tokens < 500
         job.result(timeout=30)
+    finally:
+        app.close()
+
+
+class FailingBackend:
+    model_name, device, context_window = "failing", "cpu", 4096
+
+    def count_tokens(self, messages, tools=None):
+        return 0
+
+    def stream(self, messages, options, **kw):
+        raise GenerationError("out of memory while generating: lower max_new_tokens or use a smaller model")
+        yield
+
+
+def test_engine_errors_show_in_the_page_and_the_server_lives_on(small_settings):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from chatglm_core.engine import Engine
+    from chatglm_core.web_gradio import WebChat, build_app
+
+    app = build_app(WebChat(Engine(FailingBackend()), small_settings))
+    app.queue().launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        for _ in range(2):  # the second request is answered too: nothing crashed
+            with pytest.raises(AppError, match="lower max_new_tokens"):
+                client.predict("Hi", [], "", 0, 0.9, 8, api_name="/chat")
     finally:
         app.close()
 
