@@ -187,20 +187,20 @@ def test_health_needs_no_key_and_models_list_served_name_aliases_and_embedder(se
 
 # --- chat -----------------------------------------------------------------------------------
 def test_chat_answers_with_usage_and_the_alias_works(client):
-    r = ask(client, "What is the capital of France?", max_tokens=16)
+    r = ask(client, "What is the capital of France?", max_tokens=9)
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.role == "assistant"
     assert r.model == MODEL and r.object == "chat.completion" and r.id.startswith("chatcmpl-")
-    assert 0 < r.usage.completion_tokens <= 16 and r.usage.prompt_tokens > 10
+    assert 0 < r.usage.completion_tokens <= 9 and r.usage.prompt_tokens > 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     alias = client.chat.completions.create(model="chatglm3-6b", messages=[{"role": "user", "content": "What is the "
-                                           "capital of France?"}], max_tokens=16, temperature=0)
+                                           "capital of France?"}], max_tokens=9, temperature=0)
     assert alias.choices[0].message.content == r.choices[0].message.content
 
 
 def test_streaming_equals_non_streaming_and_reports_usage(client):
-    whole = ask(client, "Name three colours.", max_tokens=10)
-    text, chunks = streamed(client, "Name three colours.", max_tokens=10, stream_options={"include_usage": True})
+    whole = ask(client, "Name three colours.", max_tokens=6)
+    text, chunks = streamed(client, "Name three colours.", max_tokens=6, stream_options={"include_usage": True})
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
@@ -220,11 +220,11 @@ def test_sse_wire_format_ends_with_done(http):
 
 
 def test_stop_string_cuts_the_reply(client):
-    full = ask(client, "What is the capital of France?", max_tokens=16).choices[0].message.content
+    full = ask(client, "What is the capital of France?", max_tokens=9).choices[0].message.content
     assert " of " in full
-    cut = ask(client, "What is the capital of France?", max_tokens=16, stop=[" of ", "zzz"])
+    cut = ask(client, "What is the capital of France?", max_tokens=9, stop=[" of ", "zzz"])
     assert cut.choices[0].message.content == full.split(" of ")[0] and cut.choices[0].finish_reason == "stop"
-    text, _ = streamed(client, "What is the capital of France?", max_tokens=16, stop=" of ")
+    text, _ = streamed(client, "What is the capital of France?", max_tokens=9, stop=" of ")
     assert text == full.split(" of ")[0]
 
 
@@ -236,14 +236,14 @@ def test_max_tokens_and_max_completion_tokens_limit_the_reply(client):
 
 
 def test_seed_reproduces_sampling_and_n_gives_several_choices(client):
-    kw = {"temperature": 1.0, "top_p": 1.0, "seed": 1234, "max_tokens": 8}
+    kw = {"temperature": 1.0, "top_p": 1.0, "seed": 1234, "max_tokens": 5}
     a = ask(client, "Tell me a fun fact.", **kw)
     b = ask(client, "Tell me a fun fact.", **kw)
     assert a.choices[0].message.content == b.choices[0].message.content
-    many = ask(client, "Tell me a fun fact.", n=3, **kw)
-    assert [c.index for c in many.choices] == [0, 1, 2]
+    many = ask(client, "Tell me a fun fact.", n=2, **kw)
+    assert [c.index for c in many.choices] == [0, 1]
     assert many.choices[0].message.content == a.choices[0].message.content  # choice i uses seed + i
-    assert 3 <= many.usage.completion_tokens <= 24
+    assert 2 <= many.usage.completion_tokens <= 10
     chunks = list(ask(client, "Tell me a fun fact.", n=2, stream=True, **kw))
     texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
              for i in (0, 1)]
@@ -252,10 +252,10 @@ def test_seed_reproduces_sampling_and_n_gives_several_choices(client):
 
 def test_penalties_and_repetition_penalty_are_accepted_and_change_greedy_output(client):
     no_rp = {"repetition_penalty": 1.0}
-    plain = ask(client, "Repeat the word cat ten times.", max_tokens=12, extra_body=no_rp).choices[0].message.content
-    penalised = ask(client, "Repeat the word cat ten times.", max_tokens=12, frequency_penalty=2.0,
+    plain = ask(client, "Repeat the word cat ten times.", max_tokens=8, extra_body=no_rp).choices[0].message.content
+    penalised = ask(client, "Repeat the word cat ten times.", max_tokens=8, frequency_penalty=2.0,
                     presence_penalty=2.0, extra_body=no_rp).choices[0].message.content
-    repetition = ask(client, "Repeat the word cat ten times.", max_tokens=12,
+    repetition = ask(client, "Repeat the word cat ten times.", max_tokens=8,
                      extra_body={"repetition_penalty": 3.0}).choices[0].message.content
     assert penalised != plain and repetition != plain
 
@@ -271,9 +271,9 @@ def test_history_with_system_and_developer_messages(client):
 # --- concurrency and cancellation -----------------------------------------------------------
 def test_eight_parallel_streams_each_equal_their_sequential_greedy_output(client):
     prompts = [f"Say something about the number {i}." for i in range(8)]
-    sequential = [streamed(client, p, max_tokens=6)[0] for p in prompts]
+    sequential = [streamed(client, p, max_tokens=4)[0] for p in prompts]
     with ThreadPoolExecutor(8) as pool:
-        parallel = list(pool.map(lambda p: streamed(client, p, max_tokens=6)[0], prompts))
+        parallel = list(pool.map(lambda p: streamed(client, p, max_tokens=4)[0], prompts))
     assert parallel == sequential
     assert len(set(sequential)) > 1  # different prompts, different answers: outputs can't have been swapped
 
