@@ -140,7 +140,8 @@ def _options(req: ChatCompletionRequest, settings: Settings, context_window: int
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=settings.top_p if req.top_p is None else req.top_p,
         top_k=req.top_k or 0,
-        repetition_penalty=settings.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+        # OpenAI semantics: no penalty unless the request asks (the app's default 1.05 derails JSON mode)
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         stop=[s for s in stop if s],
