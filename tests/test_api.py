@@ -91,7 +91,7 @@ class ThreadServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> ThreadServer:
+    def __enter__(self):
         self.thread.start()
         wait_healthy(self.url, timeout=30)
         return self
@@ -281,10 +281,10 @@ def test_eight_parallel_streams_each_equal_their_sequential_greedy_output(client
 def test_disconnect_mid_stream_cancels_the_generation(server, http):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
             "max_tokens": 4000, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=server, headers=http.headers, timeout=60) as c:
-        with c.stream("POST", "/v1/chat/completions", json=body) as r:
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(6)]
+    with httpx.Client(base_url=server, headers=http.headers, timeout=60) as c, \
+            c.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
     assert any('"content"' in line for line in got)
     started = time.monotonic()
     r = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2})
@@ -528,10 +528,11 @@ def test_cors_is_closed_by_default_and_opens_for_configured_origins(fake):
     url, _ = fake
     pre = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(url + "/v1/chat/completions", headers=pre).headers
+    from conftest import ScriptedBackend
+
     from chatglm_core.api import create_app
     from chatglm_core.engine import Engine
     from chatglm_core.settings import Settings
-    from conftest import ScriptedBackend
 
     app = create_app(Settings(cors_origins="http://ok.example"), Engine(ScriptedBackend()))
     with ThreadServer(app) as srv:

@@ -12,10 +12,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from chatglm_core.constrain import logits_processor  # noqa: F401  (these tests need it)
 from test_api import KEY, MODEL, WEATHER, start_server, stop_server
 
 from chatglm_core.backends.base import Constraint, GenerationOptions
-from chatglm_core.constrain import logits_processor  # noqa: F401  (these tests need it)
 from chatglm_core.messages import Message, Role
 
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]

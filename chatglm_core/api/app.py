@@ -10,7 +10,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -22,8 +22,16 @@ from starlette.types import Receive, Scope, Send
 from chatglm_core.api import chat, errors
 from chatglm_core.api.bridge import ClientGone, EngineRun
 from chatglm_core.api.embeddings import Embedder, encode_vector
-from chatglm_core.api.schemas import (ChatCompletion, ChatCompletionRequest, EmbeddingList, EmbeddingRequest,
-                                      ErrorResponse, Health, ModelCard, ModelList)
+from chatglm_core.api.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    EmbeddingList,
+    EmbeddingRequest,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+)
 from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
 from chatglm_core.settings import Settings
@@ -96,7 +104,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     bearer = HTTPBearer(auto_error=False, description="the server's API key, when it was started with one")
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if not settings.api_key:
             return
         given = credentials.credentials if credentials else ""

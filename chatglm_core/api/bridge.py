@@ -41,7 +41,7 @@ class EngineRun:
         try:
             for ev in engine.stream(messages, options, tools=tools, cancel=self.cancel):
                 self._put(ev)
-        except BaseException as e:  # re-raised on the event loop by next()
+        except BaseException as e:  # noqa: BLE001  (re-raised on the event loop by next())
             self._put(e)
         finally:
             self._put(_END)

@@ -7,6 +7,7 @@ both go through `EngineRun`, so the event loop never blocks on the model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -48,7 +49,7 @@ def plan_chat(req: ChatCompletionRequest, settings: Settings, context_window: in
     base.constraint = _constraint(req, tools, choice)
     options = []
     for i in range(req.n):
-        opt = GenerationOptions(**{**base.__dict__})
+        opt = dataclasses.replace(base)
         if base.seed is not None and i:
             opt.seed = base.seed + i if base.seed + i <= SEED_MAX else base.seed - i
         options.append(opt)
@@ -272,7 +273,7 @@ async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineR
                 ev = await run.next()
         if plan.include_usage:
             yield sse({**base, "choices": [], "usage": usage_json(usage)})
-    except Exception as e:  # the response has started: report in-band, as OpenAI does
+    except Exception as e:  # noqa: BLE001  (the response has started: report in-band, as OpenAI does)
         from chatglm_core.api.errors import from_exception
 
         yield "data: " + from_exception(e).body.decode() + "\n\n"

