@@ -10,7 +10,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -104,7 +104,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     bearer = HTTPBearer(auto_error=False, description="the server's API key, when it was started with one")
 
-    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         if not settings.api_key:
             return
         given = credentials.credentials if credentials else ""
