@@ -118,22 +118,27 @@ def test_soak_mixed_load_on_a_real_server():
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
             # the sequential truth for every distinct greedy request (this also warms the server up)
             expected = {}
+            t0 = time.monotonic()
             for job in jobs:
                 if job.key and job.key not in expected:
                     expected[job.key] = run_job(client, Job("chat", job.body))[1]
+            print(f"\nsoak: {len(expected)} sequential references in {time.monotonic() - t0:.1f} s")
             assert any(calls for _, calls in expected.values()), "no tool call among the references"
         rss_before = rss_mb(proc.pid)
         started = time.monotonic()
         errors: list[str] = []
         results: list[tuple[Job, str, Any]] = []
+        latency: dict[str, list[float]] = {}
 
         def worker(job: Job) -> None:
             if time.monotonic() - started > DEADLINE_S:
                 errors.append(f"deadline passed before {job.kind}")
                 return
             try:
+                t0 = time.monotonic()
                 status, value = run_job(shared, job)
                 results.append((job, status, value))
+                latency.setdefault(job.kind, []).append(time.monotonic() - t0)
             except Exception as e:  # noqa: BLE001  (every failure is counted and reported)
                 errors.append(f"{job.kind} {json.dumps(job.body)[:120]}: {type(e).__name__}: {e}"[:400])
 
@@ -154,6 +159,8 @@ def test_soak_mixed_load_on_a_real_server():
               f"({by_kind}); errors {len(errors)}; mixed-up outputs {len(mixed)}; bad requests answered {refused}; "
               f"server RSS {rss_before:.0f} MB before, {rss_after:.0f} MB after "
               f"({rss_after - rss_before:+.0f} MB); alive {alive}")
+        print("soak latency by kind (mean / max s): " + ", ".join(
+            f"{k} {sum(v) / len(v):.2f}/{max(v):.2f}" for k, v in latency.items()))
         assert not errors, errors[:5]
         assert not mixed, mixed[:5]
         assert len(results) == len(jobs) and alive
