@@ -81,7 +81,8 @@ def _google_style_view(func: Callable[..., Any], name: str) -> Callable[..., Any
         desc = desc or (arg_docs or {}).get(pname, "")
         if required is not None:  # ChatGLM3's flag decides what the schema marks required
             param = param.replace(default=inspect.Parameter.empty if required else None)
-        params.append(param.replace(annotation=base))
+        # keyword-only, so a required parameter may follow one that got a default
+        params.append(param.replace(annotation=base, kind=inspect.Parameter.KEYWORD_ONLY))
         plain_hints[pname] = base
         if desc:
             arg_lines.append(f"    {pname}: {desc}")
