@@ -242,6 +242,8 @@ def call_guarded(fn: Callable[[], Any], timeout: float | None, name: str) -> Too
         return ToolResult(box["error"], ok=False)
     if "value" not in box:  # the thread ended without returning or raising (SystemExit)
         return ToolResult(f"Error: tool {name!r} exited without a result.", ok=False)
+    if isinstance(box["value"], ToolResult):  # callers that shape their own result (the interpreter)
+        return box["value"]
     try:
         return ToolResult(encode_result(box["value"]))
     except (TypeError, ValueError) as e:
