@@ -43,13 +43,14 @@ def configure(settings: Any) -> ToolRegistry:
 
 
 def default_registry() -> ToolRegistry:
+    """The process's registry, built from default settings on first use unless configured."""
+    global _default
     if _default is None:
         from chatglm_core.settings import load_settings
 
         with _lock:
             if _default is None:
-                globals()["_default"] = build_registry(load_settings())
-    assert _default is not None
+                _default = build_registry(load_settings())
     return _default
 
 
