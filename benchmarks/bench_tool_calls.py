@@ -3,7 +3,8 @@
 For each tool (schemas with enums, numbers, booleans, arrays, nested objects, optional fields)
 the model gets N requests that call for it, with the tool described in the prompt and the
 instruction to answer with a <tool_call>. A reply counts as valid when our parser finds a call of
-that tool and its arguments pass jsonschema validation. Sampling (temperature 0.7, top_p 0.9).
+that tool and its arguments pass jsonschema validation. Sampling with the app's defaults
+(temperature 0.7, top_p 0.9, repetition penalty 1.05).
 
     python benchmarks/bench_tool_calls.py [--n 5] [--max-new-tokens 96] [--seed 0]
 """
@@ -93,7 +94,7 @@ def generate_batch(backend: Any, spec: dict[str, Any], prompts: list[str], *, co
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = backend.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=0.7,
-                                     top_p=0.9, max_new_tokens=max_new_tokens, logits_processor=procs,
+                                     top_p=0.9, repetition_penalty=1.05, max_new_tokens=max_new_tokens, logits_processor=procs,
                                      eos_token_id=backend.format.stop_token_ids, pad_token_id=pad)
     return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
@@ -101,8 +102,9 @@ def generate_batch(backend: Any, spec: dict[str, Any], prompts: list[str], *, co
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8, help="prompts per schema (at most 8)")
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--show", action="store_true", help="print every reply")
     args = ap.parse_args()
 
     from chatglm_core.backends.transformers_backend import TransformersBackend
@@ -119,7 +121,11 @@ def main() -> None:
             texts = generate_batch(backend, spec, prompts[: args.n], constrained=constrained,
                                    max_new_tokens=args.max_new_tokens, seed=args.seed)
             secs.append(time.perf_counter() - start)
-            ok = sum(is_valid_call(t, spec, backend.format.parse) for t in texts)
+            valid = [is_valid_call(t, spec, backend.format.parse) for t in texts]
+            ok = sum(valid)
+            if args.show:
+                for text, good in zip(texts, valid):
+                    print(f"  {'ok ' if good else 'BAD'} {'c' if constrained else 'u'} {text[:160]!r}")
             totals[constrained][0] += ok
             totals[constrained][1] += len(texts)
             row.append(f"{ok}/{len(texts)}")

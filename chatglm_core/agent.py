@@ -18,8 +18,18 @@ from typing import Any, Protocol
 from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
-from chatglm_core.messages import (INTERPRETER, Done, Event, Message, NeedObservation, Role, TextDelta, ToolCall,
-                                   ToolCallEvent, ToolResultEvent)
+from chatglm_core.messages import (
+    INTERPRETER,
+    Done,
+    Event,
+    Message,
+    NeedObservation,
+    Role,
+    TextDelta,
+    ToolCall,
+    ToolCallEvent,
+    ToolResultEvent,
+)
 from tools.registry import ToolRegistry, ToolResult, call_guarded
 
 #: ToolCall name used for the observation that answers a malformed call.

@@ -35,6 +35,11 @@ MAX_JSON_WHITESPACE = 1
 #: End-of-turn tokens accepted when the grammar is complete (those present in the vocabulary).
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|user|>",
               "<|observation|>")
+#: A tiny model can loop inside a string or a list ("custom_custom_custom...") until its token
+#: budget runs out, cutting the call off. In tool calls, strings and arrays without their own
+#: bounds get these, so a call always closes; the arguments stay valid under the tool's schema.
+MAX_STRING_CHARS = 96
+MAX_ARRAY_ITEMS = 12
 _CACHE_SIZE = 64
 
 _lock = threading.Lock()
@@ -86,7 +91,7 @@ def json_call_tag(specs: list[dict[str, Any]], *, auto: bool) -> dict[str, Any]:
     tags = [{
         "type": "tag",
         "begin": f'{TOOL_CALL_OPEN}{{"name": {json.dumps(s["name"], ensure_ascii=False)}, "arguments": ',
-        "content": {"type": "json_schema", "json_schema": _arguments_schema(s),
+        "content": {"type": "json_schema", "json_schema": bounded(_arguments_schema(s)),
                     "max_whitespace_cnt": MAX_JSON_WHITESPACE},
         "end": "}" + TOOL_CALL_CLOSE,
     } for s in specs]
@@ -100,6 +105,22 @@ def json_call_tag(specs: list[dict[str, Any]], *, auto: bool) -> dict[str, Any]:
 def _arguments_schema(spec: dict[str, Any]) -> dict[str, Any]:
     params = spec.get("parameters") or {}
     return params if params.get("type") == "object" else {"type": "object"}
+
+
+def bounded(schema: Any) -> Any:
+    """`schema` with MAX_STRING_CHARS / MAX_ARRAY_ITEMS on strings and arrays that set no bound."""
+    if isinstance(schema, list):
+        return [bounded(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: bounded(v) if k != "enum" and k != "const" else v for k, v in schema.items()}
+    kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    free = not any(k in out for k in ("enum", "const", "pattern", "format"))
+    if "string" in kinds and free and "maxLength" not in out:
+        out["maxLength"] = max(MAX_STRING_CHARS, out.get("minLength", 0))
+    if "array" in kinds and "maxItems" not in out and "prefixItems" not in out:
+        out["maxItems"] = max(MAX_ARRAY_ITEMS, out.get("minItems", 0))
+    return out
 
 
 # --- ChatGLM3: tool_call(k=<python literal>, ...) ------------------------------------------------

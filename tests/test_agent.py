@@ -11,8 +11,17 @@ from conftest import ScriptedBackend
 from chatglm_core.agent import INVALID_CALL, run_agent
 from chatglm_core.engine import Engine
 from chatglm_core.errors import ParseError, RequestError
-from chatglm_core.messages import (INTERPRETER, Done, Message, NeedObservation, Role, TextDelta, ToolCallEvent,
-                                   ToolResultEvent, Usage)
+from chatglm_core.messages import (
+    INTERPRETER,
+    Done,
+    Message,
+    NeedObservation,
+    Role,
+    TextDelta,
+    ToolCallEvent,
+    ToolResultEvent,
+    Usage,
+)
 from tools.builtins import register_builtins
 from tools.registry import ToolRegistry
 from tools.yaml_tools import BUNDLED
@@ -161,7 +170,7 @@ def test_malformed_call_becomes_an_observation_and_counts_as_a_round(backend, re
     backend.enqueue('<tool_call>{"name": "calculator", "arguments": {"expression": </tool_call>',
                     call("calculator", '{"expression": "3*3"}'), "Nine.")
     events = run(backend, registry)
-    feedback = [e for e in events if isinstance(e, ToolResultEvent)][0]
+    feedback = next(e for e in events if isinstance(e, ToolResultEvent))
     assert feedback.call.name == INVALID_CALL and not feedback.ok
     assert feedback.message.role is Role.TOOL and "could not be parsed" in feedback.message.content
     assert "not valid JSON" in feedback.message.content

@@ -134,6 +134,18 @@ def test_bad_constraints_are_request_errors(tokenizer):
         logits_processor(Constraint("json_schema"), tokenizer, "hf")
 
 
+def test_tool_call_grammar_bounds_free_strings_and_arrays():
+    from chatglm_core.constrain import MAX_ARRAY_ITEMS, MAX_STRING_CHARS, bounded
+
+    schema = {"type": "object", "properties": {
+        "s": {"type": "string"}, "e": {"type": "string", "enum": ["a"]}, "n": {"type": ["string", "null"]},
+        "a": {"type": "array", "items": {"type": "string", "maxLength": 5}}, "k": {"type": "string", "maxLength": 3}}}
+    props = bounded(schema)["properties"]
+    assert props["s"]["maxLength"] == MAX_STRING_CHARS and props["n"]["maxLength"] == MAX_STRING_CHARS
+    assert "maxLength" not in props["e"] and props["k"]["maxLength"] == 3
+    assert props["a"]["maxItems"] == MAX_ARRAY_ITEMS and props["a"]["items"] == {"type": "string", "maxLength": 5}
+
+
 def test_compiled_grammars_are_cached(tokenizer):
     source = grammar_source(Constraint("tool_call", tools=(FLIGHT, SHOPPING, ALARM)), "hf")
     start = time.perf_counter()
@@ -144,7 +156,7 @@ def test_compiled_grammars_are_cached(tokenizer):
 
 
 # --- the real model ------------------------------------------------------------------------
-def sample_batch(backend, spec, prompts, *, constrained, max_new_tokens=64, seed=0):
+def sample_batch(backend, spec, prompts, *, constrained, max_new_tokens=96, seed=0):
     """One batched, sampled generate over the prompts, as the format renders them."""
     import torch
     from transformers import LogitsProcessorList
@@ -161,8 +173,8 @@ def sample_batch(backend, spec, prompts, *, constrained, max_new_tokens=64, seed
         out = backend.model.generate(
             input_ids=torch.tensor([[pad] * (width - len(i)) + i for i in ids]),
             attention_mask=torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]),
-            do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens, logits_processor=procs,
-            eos_token_id=backend.format.stop_token_ids, pad_token_id=pad)
+            do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.05, max_new_tokens=max_new_tokens,
+            logits_processor=procs, eos_token_id=backend.format.stop_token_ids, pad_token_id=pad)
     return [tok.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
@@ -182,7 +194,7 @@ def test_forced_calls_are_always_schema_valid_with_sampling(small_backend):
     for spec, prompts in CASES:
         for constrained in (True, False):
             texts = sample_batch(small_backend, spec, prompts, constrained=constrained,
-                                 max_new_tokens=96 if spec is FLIGHT else 64)
+                                 max_new_tokens=128 if spec is FLIGHT else 96)
             valid = [valid_call(small_backend, t, spec) for t in texts]
             rates[constrained][0] += sum(v is not None for v in valid)
             rates[constrained][1] += len(texts)

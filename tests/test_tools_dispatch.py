@@ -12,9 +12,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 import tools
-import tools.builtins as builtins
 from chatglm_core.errors import ConfigError
 from chatglm_core.settings import Settings
+from tools import builtins
 from tools.builtins import register_builtins
 from tools.registry import ToolError, ToolRegistry
 

@@ -48,7 +48,7 @@ def load_error(tmp_path: Path, body: str) -> str:
      ["'t1'", "colour: unknown key"]),
     # missing fields
     ("name: t2\n    manual: true", ["'t2'", "description: missing required field"]),
-    (f"description: d\n    manual: true", ["'#1'", "name: missing required field"]),
+    ("description: d\n    manual: true", ["'#1'", "name: missing required field"]),
     # bad name
     ("name: 'has space'\n    description: d\n    manual: true", ["'has space'", "name:", "pattern"]),
     # no way / two ways to run it
@@ -152,13 +152,13 @@ def test_python_tool_whose_module_fails_to_import(tmp_path):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         query = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
         if query.get("ticker") == "FAIL":
             return self._send(500, "server exploded")
         self._send(200, json.dumps({"method": "GET", "query": query, "auth": self.headers.get("X-Key")}))
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self._send(200, json.dumps({"method": "POST", "body": body}))
 

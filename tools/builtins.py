@@ -23,7 +23,7 @@ WEATHER_TIMEOUT = 5.0
 
 def random_number_generator(
     seed: Annotated[int, "The random seed used by the generator", True],
-    range: Annotated[tuple[int, int], "The range of the generated numbers", True],  # noqa: A002 - ChatGLM3's name
+    range: Annotated[tuple[int, int], "The range of the generated numbers", True],  # ChatGLM3's name
 ) -> int:
     """Generates a random number x, s.t. range[0] <= x < range[1]"""
     low, high = range
@@ -87,7 +87,8 @@ def shell(command: str) -> str:
         command: The shell command line to run.
     """
     try:
-        proc = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=SHELL_TIMEOUT)
+        proc = subprocess.run(command, shell=True, capture_output=True, text=True,
+                              timeout=SHELL_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise ToolError(f"the command ran longer than {SHELL_TIMEOUT:g} s and was stopped") from None
     return json.dumps({"exit_code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}, ensure_ascii=False)

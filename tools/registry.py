@@ -226,7 +226,7 @@ def call_guarded(fn: Callable[[], Any], timeout: float | None, name: str) -> Too
             box["value"] = fn()
         except ToolError as e:
             box["error"] = f"Error: {e}"
-        except Exception as e:  # noqa: BLE001 - the dispatcher's one broad except, see docstring
+        except Exception as e:  # the dispatcher's one broad except, see the docstring
             log.warning("tool %s failed", name, exc_info=True)
             box["error"] = f"Error: tool {name!r} raised {type(e).__name__}: {e}"
 
