@@ -28,5 +28,9 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        # Importing chatglm_core.chat binds the *module* to the package's `chat`; rebind the function,
+        # or `from chatglm_core import chat` would hand out the module.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'chatglm_core' has no attribute {name!r}")

@@ -61,6 +61,7 @@ class Engine:
 
         worker = threading.Thread(target=work, name="engine-generate", daemon=True)
         worker.start()
+        finished = False
         try:
             while (ev := events.get()) is not _END:
                 if isinstance(ev, ChatGLMError):
@@ -70,8 +71,10 @@ class Engine:
                 if isinstance(ev, BaseException):
                     raise GenerationError(f"generation failed: {type(ev).__name__}: {ev}") from ev
                 yield ev
+            finished = True
         finally:
-            cancel.set()  # a caller that stopped early frees the model
+            if not finished:
+                cancel.set()  # a caller that stopped early (or hit an error) frees the model
 
     def complete(self, messages: list[Message], options: GenerationOptions | None = None, **kw: Any) -> Done:
         """Run one generation to the end and return its Done."""

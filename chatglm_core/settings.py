@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     cors_origins: str = ""  # comma-separated; empty = CORS closed
     embedding_path: str | None = Field(None, validation_alias=_alias("EMBEDDING_PATH"))
     served_model_name: str | None = None
+    model_aliases: str = "chatglm3-6b"  # comma-separated names the API also accepts for the served model
 
     @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
                      mode="before")

@@ -72,7 +72,7 @@ class TransformersBackend:
                 finish = "stop"
                 break
             generated.append(token)
-            delta, stopped = text_out.feed(self.tokenizer.decode(generated, skip_special_tokens=True))
+            delta, stopped = text_out.feed(self.decode(generated))
             if delta:
                 yield TextDelta(delta)
             if stopped:
@@ -83,6 +83,13 @@ class TransformersBackend:
             yield TextDelta(tail)
         usage = Usage(len(ids), sampled)
         yield self._done(text_out.text, finish, usage, tools=bool(tools), interpreter=interpreter)
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
+        decode_reply = getattr(self.format, "decode_reply", None)
+        if decode_reply is not None:
+            return decode_reply(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _done(self, text: str, finish: str, usage: Usage, *, tools: bool, interpreter: bool) -> Done:
         try:

@@ -62,7 +62,7 @@ def resolve_device(device: str) -> str:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             "device 'cuda' was asked for but CUDA is not available (no GPU, or a CPU-only torch): "
             "install a CUDA build of torch, or set CHATGLM_DEVICE=cpu"
@@ -72,11 +72,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> Any:
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(dtype: Any, device: str) -> Any:
+    """A torch dtype from "auto", a name, or a torch dtype (returned as is)."""
     import torch
 
-    if dtype != "auto":
-        return getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in (None, "auto"):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
+        return getattr(torch, _DTYPES[dtype])
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
@@ -190,6 +199,7 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 def is_chatglm3_dir(folder: Path) -> bool:
+    """A `model_type: chatglm` folder: ChatGLM3 loads natively (GLM-4 and others get a clear error there)."""
     try:
         return json.loads((folder / "config.json").read_text()).get("model_type") == "chatglm"
     except (OSError, json.JSONDecodeError):
@@ -201,7 +211,7 @@ def _load_hf(folder: Path, settings: Settings, device: str, dtype: Any) -> tuple
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": settings.trust_remote_code}
     if settings.quantize != "none":
-        kwargs["quantization_config"] = _bnb_config(settings.quantize, dtype)
+        kwargs["quantization_config"] = bnb_config(settings.quantize, dtype)
     if settings.device_map:
         kwargs["device_map"] = settings.device_map
     elif settings.quantize != "none":
@@ -216,11 +226,13 @@ def _load_hf(folder: Path, settings: Settings, device: str, dtype: Any) -> tuple
     return model, tok
 
 
-def _bnb_config(quantize: str, dtype: Any) -> Any:
+def bnb_config(quantize: str, dtype: Any) -> Any:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"quantize={quantize} needs bitsandbytes: `pip install bitsandbytes` (CUDA only)")
     from transformers import BitsAndBytesConfig
 
+    if quantize not in ("4bit", "8bit"):
+        raise ConfigError(f"unknown quantize {quantize!r}: use none, 4bit or 8bit")
     if quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")

@@ -1,0 +1,301 @@
+"""/v1/chat/completions: an OpenAI request → engine calls → an OpenAI response or SSE stream.
+
+`plan_chat` is the whole translation (messages, options, tools, constraint) and raises
+`RequestError` for anything the schema can't catch. `complete` and `stream_events` run the plan;
+both go through `EngineRun`, so the event loop never blocks on the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+from starlette.requests import Request
+
+from chatglm_core.api.bridge import EngineRun
+from chatglm_core.api.schemas import SEED_MAX, ChatCompletionRequest, ChatMessage, NamedToolChoice
+from chatglm_core.backends.base import Constraint, GenerationOptions
+from chatglm_core.engine import Engine, validate_messages
+from chatglm_core.errors import RequestError
+from chatglm_core.messages import Done, Message, TextDelta, ToolCall, Usage
+from chatglm_core.settings import Settings
+
+GREEDY_BELOW = 1e-4  # smaller temperatures overflow the logits; they mean "greedy" anyway
+
+
+@dataclass
+class ChatPlan:
+    messages: list[Message]
+    options: list[GenerationOptions]  # one per choice (n)
+    tools: list[dict[str, Any]] | None
+    legacy: bool  # the request used `functions`: answer with `function_call`
+    include_usage: bool
+
+
+# --- request → plan ----------------------------------------------------------------------------
+def plan_chat(req: ChatCompletionRequest, settings: Settings, context_window: int | None) -> ChatPlan:
+    if req.logprobs:
+        raise RequestError("logprobs are not supported by this server: drop 'logprobs'", param="logprobs")
+    tools, choice, legacy = _tools_and_choice(req)
+    messages = to_messages(req.messages)
+    validate_messages(messages)
+    base = _options(req, settings, context_window)
+    base.constraint = _constraint(req, tools, choice)
+    options = []
+    for i in range(req.n):
+        opt = dataclasses.replace(base)
+        if base.seed is not None and i:
+            opt.seed = base.seed + i if base.seed + i <= SEED_MAX else base.seed - i
+        options.append(opt)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return ChatPlan(messages, options, tools if choice != "none" else None, legacy, include_usage)
+
+
+def to_messages(raw: list[ChatMessage]) -> list[Message]:
+    out = []
+    for i, m in enumerate(raw):
+        data = m.model_dump(exclude_none=True)
+        if data["role"] == "developer":  # newer clients' name for the system role
+            data["role"] = "system"
+        try:
+            out.append(Message.from_openai(data))
+        except RequestError as e:
+            raise RequestError(f"messages[{i}]: {e}", param=f"messages[{i}]") from None
+    return out
+
+
+def _tools_and_choice(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, Any, bool]:
+    if req.functions is not None and req.tools is not None:
+        raise RequestError("send either 'tools' or the legacy 'functions', not both", param="functions")
+    if req.function_call is not None and req.functions is None:
+        raise RequestError("'function_call' needs 'functions'", param="function_call")
+    legacy = req.functions is not None
+    if legacy:
+        tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions or []]
+        fc = req.function_call
+        choice: Any = fc if isinstance(fc, str) else (fc.name if fc is not None else None)
+    else:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        tc = req.tool_choice
+        choice = tc.function.name if isinstance(tc, NamedToolChoice) else tc
+    param = "functions" if legacy else "tools"
+    _validate_tools(tools, param)
+    if not tools:
+        if choice not in (None, "none", "auto"):
+            raise RequestError(f"tool_choice {choice!r} needs at least one tool in '{param}'", param="tool_choice")
+        return None, "none", legacy
+    if choice not in (None, "none", "auto", "required") and choice not in {t["function"]["name"] for t in tools}:
+        raise RequestError(f"tool_choice names {choice!r}, which is not one of the tools given", param="tool_choice")
+    return tools, choice or "auto", legacy
+
+
+def _validate_tools(tools: list[dict[str, Any]], param: str) -> None:
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        where = f"{param}[{i}]" if param == "functions" else f"{param}[{i}].function"
+        if fn["name"] in names:
+            raise RequestError(f"two tools are named {fn['name']!r}: tool names must be unique", param=f"{where}.name")
+        names.add(fn["name"])
+        params = fn.get("parameters")
+        if params is None:
+            continue
+        check_schema(params, f"{where}.parameters", "function parameters")
+        if params.get("type") != "object":
+            raise RequestError(f"{where}.parameters must be a JSON Schema with \"type\": \"object\"",
+                               param=f"{where}.parameters", code="invalid_function_parameters")
+
+
+def check_schema(schema: dict[str, Any], param: str, what: str) -> None:
+    """Validate a JSON Schema against its meta-schema; RequestError naming `param` if it isn't one."""
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        path = "".join(f"[{p!r}]" for p in e.absolute_path)
+        raise RequestError(f"{param} is not a valid JSON Schema for {what}: {e.message} (at {path or 'the root'})",
+                           param=param, code="invalid_schema") from None
+    except (RecursionError, ValueError, TypeError) as e:
+        raise RequestError(f"{param} is not a valid JSON Schema for {what}: {e}", param=param,
+                           code="invalid_schema") from None
+
+
+def _options(req: ChatCompletionRequest, settings: Settings, context_window: int | None) -> GenerationOptions:
+    max_new = req.max_completion_tokens or req.max_tokens or settings.max_new_tokens
+    if context_window and max_new > context_window:
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        raise RequestError(f"{param} is too large: {max_new}. This model's context window is {context_window} tokens "
+                           "(prompt and reply together)", param=param)
+    if context_window:
+        max_new = min(max_new, context_window)
+    temperature = settings.temperature if req.temperature is None else req.temperature
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return GenerationOptions(
+        max_new_tokens=max_new,
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        top_p=settings.top_p if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        # OpenAI semantics: no penalty unless the request asks (the app's default 1.05 derails JSON mode)
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        stop=[s for s in stop if s],
+        seed=req.seed,
+    )
+
+
+def _constraint(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None, choice: Any) -> Constraint | None:
+    fmt = req.response_format
+    wants_json = fmt is not None and fmt.type != "text"
+    if tools and choice != "none":
+        if wants_json:
+            raise RequestError("response_format json_object/json_schema can't be combined with tools unless "
+                               "tool_choice is 'none'", param="response_format")
+        if choice == "auto":
+            return Constraint("tool_call", tools=tuple(tools), auto=True)
+        if choice == "required":
+            return Constraint("tool_call", tools=tuple(tools))
+        return Constraint("tool_call", tools=tuple(tools), tool_name=choice)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint("json_object")
+    schema = fmt.json_schema.schema_
+    if schema is None:
+        return Constraint("json_object")
+    check_schema(schema, "response_format.json_schema.schema", "the response")
+    return Constraint("json_schema", schema=schema)
+
+
+# --- running the plan -------------------------------------------------------------------------
+async def complete(engine: Engine, plan: ChatPlan, model: str, request: Request) -> dict[str, Any]:
+    """The whole (non-streaming) chat.completion object."""
+    choices, usage = [], Usage()
+    for i, opts in enumerate(plan.options):
+        run = EngineRun(engine, plan.messages, opts, plan.tools)
+        try:
+            done = None
+            while (ev := await run.next(request)) is not None:
+                if isinstance(ev, Done):
+                    done = ev
+        finally:
+            run.close()
+        assert done is not None, "generation ended without a Done event"
+        choices.append(_choice(i, done, plan.legacy))
+        usage.prompt_tokens = done.usage.prompt_tokens
+        usage.completion_tokens += done.usage.completion_tokens
+    return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_json(usage)}
+
+
+def _choice(index: int, done: Done, legacy: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": done.message.content}
+    finish = _finish(done, legacy)
+    calls = done.message.tool_calls
+    if calls and legacy:
+        message["function_call"] = _function_json(calls[0])
+        message["content"] = done.message.content or None
+    elif calls:
+        message["tool_calls"] = [_tool_call_json(c) for c in calls]
+        message["content"] = done.message.content or None
+    return {"index": index, "message": message, "finish_reason": finish, "logprobs": None}
+
+
+def _finish(done: Done, legacy: bool) -> str:
+    if done.message.tool_calls:
+        return "function_call" if legacy else "tool_calls"
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _function_json(call: ToolCall) -> dict[str, str]:
+    return {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}
+
+
+def _tool_call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": _function_json(call)}
+
+
+def usage_json(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+# --- streaming ----------------------------------------------------------------------------
+async def first_run(engine: Engine, plan: ChatPlan, request: Request) -> tuple[EngineRun, TextDelta | Done | None]:
+    """Start the first choice and wait for its first event, so errors (context length…) are 4xx."""
+    run = EngineRun(engine, plan.messages, plan.options[0], plan.tools)
+    try:
+        return run, await run.next(request)
+    except BaseException:
+        run.close()
+        raise
+
+
+async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineRun,
+                        first: TextDelta | Done | None) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion; `run`/`first` come from `first_run`."""
+    base = {"id": completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    usage = Usage()
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> str:
+        body = {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if plan.include_usage:
+            body["usage"] = None
+        return sse(body)
+
+    try:
+        for i, opts in enumerate(plan.options):
+            if i:
+                run.close()
+                run, first = EngineRun(engine, plan.messages, opts, plan.tools), None
+            yield chunk(i, {"role": "assistant", "content": ""})
+            ev = first if first is not None else await run.next()
+            streamed = ""
+            while ev is not None:
+                if isinstance(ev, TextDelta) and ev.text:
+                    streamed += ev.text
+                    yield chunk(i, {"content": ev.text})
+                elif isinstance(ev, Done):
+                    usage.prompt_tokens = ev.usage.prompt_tokens
+                    usage.completion_tokens += ev.usage.completion_tokens
+                    for line in _done_chunks(ev, plan.legacy, streamed):
+                        yield chunk(i, *line)
+                ev = await run.next()
+        if plan.include_usage:
+            yield sse({**base, "choices": [], "usage": usage_json(usage)})
+    except Exception as e:  # noqa: BLE001  (the response has started: report in-band, as OpenAI does)
+        from chatglm_core.api.errors import from_exception
+
+        yield "data: " + from_exception(e).body.decode() + "\n\n"
+    finally:
+        run.close()
+    yield "data: [DONE]\n\n"
+
+
+def _done_chunks(done: Done, legacy: bool, streamed: str) -> list[tuple[dict[str, Any], str | None]]:
+    calls = done.message.tool_calls
+    out: list[tuple[dict[str, Any], str | None]] = []
+    # A malformed call comes back as text; the backend held it back while streaming: send it now.
+    shown, content = streamed.strip(), done.message.content
+    if not calls and done.parse_error and content.startswith(shown) and len(content) > len(shown):
+        out.append(({"content": content[len(shown):]}, None))
+    if calls and legacy:
+        out.append(({"function_call": _function_json(calls[0])}, None))
+    elif calls:
+        out.append(({"tool_calls": [{"index": k, **_tool_call_json(c)} for k, c in enumerate(calls)]}, None))
+    out.append(({}, _finish(done, legacy)))
+    return out
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False) + "\n\n"

@@ -1,0 +1,80 @@
+"""Every failure as OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``.
+
+OpenAI answers a malformed request with 400 (not FastAPI's 422), so schema violations, invalid
+JSON and our own `RequestError`s all become 400 ``invalid_request_error``s naming the field at
+fault. Our bugs and backend failures are 500 ``server_error``s; nothing leaves as a bare traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from chatglm_core.errors import ConfigError, GenerationError, RequestError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_exceeded"}
+
+
+def error_body(message: str, status: int = 400, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = "server_error" if status >= 500 else _TYPES.get(status, "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, code), status_code=status, headers=headers)
+
+
+def from_exception(e: Exception) -> JSONResponse:
+    """The response for an error raised while serving a request."""
+    if isinstance(e, RequestError):
+        return error_response(str(e), e.status, e.param, e.code)
+    if isinstance(e, (GenerationError, ConfigError)):
+        log.error("request failed: %s", e)
+        return error_response(str(e), 500, code="generation_error" if isinstance(e, GenerationError) else None)
+    log.exception("unexpected error while serving a request")
+    return error_response(f"internal error: {type(e).__name__}: {e}", 500)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (("." if out else "") + str(p))
+    return out
+
+
+def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
+    if first.get("type") == "json_invalid":
+        return error_response("We could not parse the JSON body of your request: send valid JSON with "
+                              "Content-Type: application/json.", 400, code="invalid_json")
+    param = _loc(tuple(first.get("loc", ()))) or None
+    if param is None:
+        return error_response("The request body must be a JSON object, sent with Content-Type: application/json.",
+                              400, code=str(first.get("type")))
+    detail = "; ".join(f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return error_response(f"Invalid request: {detail}{more}", 400, param, code=str(first.get("type")))
+
+
+def _http(request: Request, exc: HTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        message = f"Unknown path {request.url.path}: see /docs for the endpoints"
+    return error_response(message, exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestError, lambda r, e: from_exception(e))  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, lambda r, e: from_exception(e))

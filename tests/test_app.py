@@ -1,0 +1,395 @@
+"""The Streamlit app through `AppTest`: the real SmolLM2 for replies, a scripted slow model for Stop.
+
+Every test runs main.py (the real entry) with the settings taken from the environment the way
+`streamlit run` would: the store goes to a temp dir, the converted GGUF weights come from the
+shared test cache so the model is not converted again. Greedy decoding, few tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from chatglm_core.engine import Engine
+from chatglm_core.errors import ConfigError, GenerationError
+from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
+from chatglm_core.store import ConversationStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory, test_data_dir):
+    from webui import state
+
+    data = tmp_path_factory.mktemp("app-data")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MODEL_PATH", "CHATGLM_MODEL_PATH", "CHATGLM_REMOTE_BASE_URL", "CHATGLM_TOOLS",
+                     "CHATGLM_SYSTEM_PROMPT"):
+            mp.delenv(name, raising=False)
+        mp.setenv("CHATGLM_DATA_DIR", str(data))
+        mp.setenv("CHATGLM_CACHE_DIR", str(test_data_dir / "cache"))
+        mp.setenv("CHATGLM_DEVICE", "cpu")
+        mp.setenv("CHATGLM_BACKEND", "transformers")
+        mp.setenv("CHATGLM_TEMPERATURE", "0")
+        mp.setenv("CHATGLM_MAX_NEW_TOKENS", "8")
+        state.settings.clear()
+        state.store.clear()
+        state._engine_or_error.clear()
+        yield data
+    state.settings.clear()
+    state.store.clear()
+    state._engine_or_error.clear()
+
+
+@pytest.fixture
+def fake_engine(app_env, monkeypatch):
+    """Install an engine over `backend` in place of the real model for one test."""
+    from webui import state
+
+    def install(backend):
+        engine = Engine(backend)
+        monkeypatch.setattr(state, "build_engine", lambda settings: engine)
+        state._engine_or_error.clear()
+        return engine
+
+    yield install
+    state._engine_or_error.clear()  # the next test loads the real model again
+
+
+def new_app(cid: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(ROOT / "main.py"), default_timeout=TIMEOUT)
+    if cid:
+        at.query_params["cid"] = cid
+    return at.run()
+
+
+def send(at: AppTest, text: str) -> AppTest:
+    at.chat_input(key=f"input_{at.session_state['mode']}").set_value(text).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def bubbles(at: AppTest) -> list[tuple[str, str]]:
+    return [(m.name, "".join(md.value for md in m.markdown)) for m in at.main.chat_message]
+
+
+def greedy_reply(text: str) -> str:
+    """What the app's engine answers to `text` alone, with the app's test settings."""
+    from chatglm_core.chat import options_from
+    from webui import state
+
+    engine, error = state._engine_or_error()
+    assert error is None, error
+    return engine.complete([Message(Role.USER, text)], options_from(state.settings())).message.content
+
+
+# --- the real model ------------------------------------------------------------------------------
+def test_chat_streams_the_real_models_reply(app_env):
+    at = new_app()
+    assert not at.exception and not at.error
+    assert "SmolLM2-135M-Instruct" in at.sidebar.caption[0].value and "cpu" in at.sidebar.caption[0].value
+    send(at, "What is the capital of France?")
+    expected = greedy_reply("What is the capital of France?")
+    assert expected.strip()
+    assert bubbles(at) == [("user", "What is the capital of France?"), ("assistant", expected)]
+    stored = ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"], "chat")
+    assert [m.content for m in stored[0].messages] == ["What is the capital of France?", expected]
+
+
+def test_regenerate_edit_and_clear(app_env):
+    at = send(new_app(), "Name a color.")
+    first = bubbles(at)
+    at.button(key="regenerate").click().run()
+    assert bubbles(at) == first  # greedy: the same reply again, not a second one appended
+    at.sidebar.text_area[-1].set_value("Name an animal.")
+    at.button(key="edit_regenerate").click().run()
+    assert bubbles(at) == [("user", "Name an animal."), ("assistant", greedy_reply("Name an animal."))]
+    cid = at.query_params["cid"]
+    at.button(key="clear_conv").click().run()
+    assert bubbles(at) == []
+    assert ConversationStore(app_env / "conversations.sqlite3").list(cid, "chat") == []
+
+
+def test_a_refresh_finds_the_conversation_and_past_ones_reopen(app_env):
+    at = send(new_app(), "Say hi.")
+    cid = at.query_params["cid"]
+    shown = bubbles(at)
+    again = new_app(cid)  # a new browser session with the same URL: a refresh
+    assert bubbles(again) == shown
+    again.button(key="new_conv").click().run()
+    assert bubbles(again) == []
+    conv_id = ConversationStore(app_env / "conversations.sqlite3").list(cid, "chat")[0].id
+    again.button(key=f"open_{conv_id}").click().run()
+    assert bubbles(again) == shown
+    again.button(key=f"del_{conv_id}").click().run()
+    assert bubbles(again) == []
+    assert ConversationStore(app_env / "conversations.sqlite3").get(cid, conv_id) is None
+
+
+def test_sessions_and_modes_keep_separate_histories(app_env):
+    alice, bob = new_app(), new_app()
+    assert alice.query_params["cid"] != bob.query_params["cid"]
+    send(alice, "I am Alice.")
+    send(bob, "I am Bob.")
+    assert bubbles(alice)[0] == ("user", "I am Alice.")
+    assert bubbles(bob)[0] == ("user", "I am Bob.")
+    for page in ("app_pages/tools.py", "app_pages/code_interpreter.py"):
+        alice.switch_page(page).run()
+        assert not alice.exception
+        assert bubbles(alice) == []  # each mode has its own conversation
+    alice.switch_page("app_pages/chat.py").run()
+    assert bubbles(alice)[0] == ("user", "I am Alice.")
+
+
+def test_export_and_import(app_env):
+    at = send(new_app(), "Export me.")
+    buttons = {b.label: b for b in at.sidebar.download_button}
+    assert not buttons["Download JSON"].disabled and not buttons["Download Markdown"].disabled
+    exported = json.loads(_export_json(at))  # the text the JSON button serves
+    assert [m["role"] for m in exported["messages"]] == ["user", "assistant"]
+    other = new_app()
+    other.sidebar.file_uploader(key="import_chat").upload("conv.json", json.dumps(exported).encode(),
+                                                          "application/json").run()
+    assert bubbles(other) == bubbles(at)
+    other.sidebar.file_uploader(key="import_chat").upload("bad.json", b"{not json", "application/json").run()
+    assert any("Could not import bad.json" in e.value for e in other.sidebar.error)
+    assert bubbles(other) == bubbles(at)  # a bad file changes nothing
+
+
+def _export_json(at: AppTest) -> str:
+    from chatglm_core.store import conversation_to_json
+
+    return conversation_to_json(at.session_state["conv_chat"])
+
+
+# --- scripted models: stop, errors, unsafe output -------------------------------------------------
+class SlowBackend:
+    """Streams one word every `delay` seconds; records whether it saw the cancel event."""
+
+    model_name = "slow-scripted"
+    device = "cpu"
+    context_window = 4096
+
+    def __init__(self, words: int = 200, delay: float = 0.05) -> None:
+        self.words, self.delay = words, delay
+        self.sent = 0
+        self.cancelled = threading.Event()
+
+    def count_tokens(self, messages, tools=None) -> int:
+        return 1
+
+    def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
+        text = ""
+        for i in range(self.words):
+            if cancel is not None and cancel.is_set():
+                self.cancelled.set()
+                yield Done(Message(Role.ASSISTANT, text), "cancelled", Usage(1, i))
+                return
+            time.sleep(self.delay)
+            text += f"w{i} "
+            self.sent = i + 1
+            yield TextDelta(f"w{i} ")
+        yield Done(Message(Role.ASSISTANT, text), "stop", Usage(1, self.words))
+
+
+def click_during_stream(backend: SlowBackend, after_tokens: int) -> threading.Thread:
+    """What a click does while the script streams: ask the running script for a rerun."""
+    from streamlit.runtime.scriptrunner import RerunData
+    from streamlit.runtime.scriptrunner_utils.script_run_context_attr import SCRIPT_RUN_CONTEXT_ATTR_NAME
+
+    def click() -> None:
+        while backend.sent < after_tokens:
+            time.sleep(0.01)
+        for t in threading.enumerate():
+            ctx = getattr(t, SCRIPT_RUN_CONTEXT_ATTR_NAME, None)
+            if ctx is not None and ctx.script_requests is not None:
+                ctx.script_requests.request_rerun(RerunData())
+                return
+
+    thread = threading.Thread(target=click, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_stop_cancels_the_engine_and_keeps_the_partial_reply(app_env, fake_engine):
+    backend = SlowBackend()
+    fake_engine(backend)
+    at = new_app()
+    clicker = click_during_stream(backend, after_tokens=5)
+    send(at, "Count for me.")
+    clicker.join(5)
+    assert backend.cancelled.wait(5), "the engine never saw the cancel event"
+    time.sleep(0.2)
+    assert backend.sent < backend.words  # the model stopped producing tokens
+    (user, assistant) = at.session_state["conv_chat"].messages
+    assert user.content == "Count for me."
+    assert assistant.content.startswith("w0 w1 w2 w3 w4") and len(assistant.content.split()) < backend.words
+    assert bubbles(at)[1] == ("assistant", assistant.content)
+    assert any("stopped" in c.value for c in at.main.caption)
+    stored = ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"], "chat")
+    assert stored[0].messages[1].content == assistant.content
+
+
+def test_html_in_a_reply_is_shown_as_text(app_env, fake_engine, scripted):
+    scripted.enqueue('<script>alert(1)</script> and <img src=x onerror="alert(2)"> and `<b>code</b>`')
+    fake_engine(scripted)
+    at = send(new_app(), "Say something dangerous.")
+    shown = bubbles(at)[1][1]
+    assert "<script>" not in shown and "<img" not in shown
+    assert "&lt;script>alert(1)&lt;/script>" in shown and "`<b>code</b>`" in shown
+
+
+def test_a_generation_error_is_a_message_and_the_app_goes_on(app_env, fake_engine, scripted):
+    class Failing(type(scripted)):
+        def stream(self, *a, **kw):
+            raise GenerationError("out of memory while generating: lower max_new_tokens")
+            yield  # a generator
+
+    failing = Failing()
+    fake_engine(failing)
+    at = send(new_app(), "Hello?")
+    assert any("out of memory" in e.value for e in at.error)
+    assert bubbles(at) == [("user", "Hello?")]
+    failing.stream = scripted.enqueue("Better now.").stream  # the next message works again
+    send(at, "Again?")
+    assert bubbles(at)[-1] == ("assistant", "Better now.")
+
+
+def test_a_model_that_fails_to_load_shows_what_to_do(app_env, monkeypatch):
+    from webui import state
+
+    def broken(settings):
+        raise ConfigError("MODEL_PATH /nope does not exist: point it at an HF folder or a .gguf file")
+
+    monkeypatch.setattr(state, "build_engine", broken)
+    state._engine_or_error.clear()
+    try:
+        at = new_app()
+        assert not at.exception
+        assert "failed to load" in at.error[0].value and "/nope" in at.error[0].value
+        assert at.chat_input(key="input_chat").disabled
+        assert at.button(key="retry_engine")
+        monkeypatch.undo()
+        at.button(key="retry_engine").click().run()
+        assert not at.error and "SmolLM2" in at.sidebar.caption[0].value
+    finally:
+        state._engine_or_error.clear()
+
+
+# --- the Tool and Code Interpreter pages (need the agent, tools and sandbox modules) ------------------
+def needs(*modules: str) -> None:
+    for m in modules:
+        pytest.importorskip(m, reason=f"{m} is not merged into this branch yet")
+
+
+def on_page(page: str, cid: str | None = None) -> AppTest:
+    at = new_app(cid)
+    at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_tool_page_real_model_reply(app_env):
+    needs("chatglm_core.agent", "tools")
+    at = on_page("app_pages/tools.py")
+    at.sidebar.selectbox(key="tool_choice").set_value("none").run()  # a constrained call is slow on 2 cores
+    send(at, "Hello there.")
+    assert [n for n, _ in bubbles(at)] == ["user", "assistant"] and bubbles(at)[1][1].strip()
+
+
+def test_tool_page_calls_observations_toggles_and_manual_mode(app_env, fake_engine, scripted):
+    needs("chatglm_core.agent", "tools")
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
+    scripted.enqueue(call, "It is 42.")
+    fake_engine(scripted)
+    at = on_page("app_pages/tools.py")
+    assert "calculator" in [c.label for c in at.sidebar.checkbox]
+    send(at, "What is 6*7?")
+    names = [m.name for m in at.main.chat_message]
+    assert names == ["user", "assistant", "observation", "assistant"]
+    call_bubble, observation = at.main.chat_message[1], at.main.chat_message[2]
+    assert "Calling tool **calculator**" in call_bubble.markdown[0].value
+    assert json.loads(call_bubble.code[0].value) == {"expression": "6*7"}
+    assert observation.code[0].value == "42"  # the real calculator tool ran
+    assert bubbles(at)[-1] == ("assistant", "It is 42.")
+
+    # a disabled tool is not run: the model gets an error result instead
+    at.sidebar.checkbox(key="tool_on_calculator").uncheck().run()
+    assert not at.session_state["tool_registry"].is_enabled("calculator")
+    scripted.enqueue(call, "I could not.")
+    send(at, "And 6*7 again?")
+    assert "unknown tool 'calculator'" in at.main.chat_message[-2].code[0].value
+
+    # manual mode: the user types the observation, then the model continues with it
+    at.sidebar.checkbox(key="tool_on_calculator").check().run()
+    at.sidebar.toggle(key="tool_manual").set_value(True).run()
+    scripted.enqueue(call, "Thanks, so it is 41.")
+    send(at, "One more time: 6*7?")
+    assert at.main.text_area(key="observation_text")
+    at.main.text_area(key="observation_text").input("41")
+    at.main.button[-1].click().run()  # the form's submit button
+    assert not at.exception
+    assert bubbles(at)[-1] == ("assistant", "Thanks, so it is 41.")
+    last = at.session_state["conv_tools"].messages
+    assert last[-2].role is Role.TOOL and last[-2].content == "41" and last[-2].name == "calculator"
+
+
+def test_tool_page_yaml_upload(app_env):
+    needs("chatglm_core.agent", "tools")
+    at = on_page("app_pages/tools.py")
+    manual_tool = ("tools:\n  - name: ask_boss\n    description: Ask the boss.\n    parameters:\n      type: object\n"
+                   "      properties: {q: {type: string}}\n    manual: true\n")
+    at.sidebar.text_area(key="tools_yaml").input(manual_tool).run()
+    at.sidebar.button(key="tools_reload").click().run()
+    assert "ask_boss" in [c.label for c in at.sidebar.checkbox]
+    assert any("Loaded 1 tool(s): ask_boss" in s.value for s in at.sidebar.success)
+    python_tool = manual_tool.replace("manual: true", "python: os:system")
+    at.sidebar.text_area(key="tools_yaml").input(python_tool).run()
+    at.sidebar.button(key="tools_reload").click().run()
+    assert any("'python:'" in e.value for e in at.sidebar.error)
+    assert at.session_state["tool_registry"].get("ask_boss").manual  # the failed reload changed nothing
+    other = on_page("app_pages/tools.py")  # another session: its own registry
+    assert "ask_boss" not in [c.label for c in other.sidebar.checkbox]
+
+
+def test_interpreter_page_real_model_reply(app_env):
+    needs("chatglm_core.agent", "chatglm_core.sandbox_pool")
+    at = on_page("app_pages/code_interpreter.py")
+    send(at, "Hi!")
+    assert bubbles(at)[0] == ("user", "Hi!") and len(bubbles(at)) >= 2
+
+
+def test_interpreter_page_code_outputs_images_and_rerun(app_env, fake_engine, scripted):
+    needs("chatglm_core.agent", "chatglm_core.sandbox_pool")
+    plot = ("import matplotlib.pyplot as plt\n"
+            "plt.plot([1, 2, 3]); plt.savefig('plot.png'); plt.show()\nprint('drawn')")
+    scripted.enqueue(f"Plotting.\n```python\n{plot}\n```", "Here is the plot.")
+    fake_engine(scripted)
+    at = on_page("app_pages/code_interpreter.py")
+    send(at, "Plot 1 2 3.")
+    names = [m.name for m in at.main.chat_message]
+    assert names == ["user", "assistant", "observation", "assistant"], names
+    code_bubble, observation = at.main.chat_message[1], at.main.chat_message[2]
+    assert code_bubble.code[0].value == plot
+    assert "drawn" in observation.code[0].value
+    assert len(observation.get("image")) == 1  # the figure, shown as an image
+    assert any(b.label.replace("\\", "").startswith("plot.png") for b in at.sidebar.download_button)  # written by the code
+
+    # edit the code and re-run it: the kernel runs the new cell, the model continues from its output
+    scripted.enqueue("Now it prints 7.")
+    at.main.text_area[0].input("print(3 + 4)")
+    at.main.button[0].click().run()
+    assert not at.exception
+    messages = at.session_state["conv_interpreter"].messages
+    assert messages[1].tool_calls[0].code == "print(3 + 4)"
+    assert messages[2].content == "7"
+    assert bubbles(at)[-1] == ("assistant", "Now it prints 7.")
+    at.sidebar.button(key="kernel_restart").click().run()
+    assert not at.exception
