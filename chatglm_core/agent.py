@@ -69,8 +69,15 @@ def run_agent(
     while True:
         opts = dataclasses.replace(options, constraint=constraint) if tools else options
         constraint = later
+        if cancel is not None and cancel.is_set():
+            return
+        # Engine.stream sets the event it is given when a generation ends, so each generation gets
+        # its own, and the caller's `cancel` is relayed to it as events arrive.
+        generation = threading.Event()
         done = None
-        for ev in engine.stream(convo, opts, tools=tools or None, interpreter=sandbox is not None, cancel=cancel):
+        for ev in engine.stream(convo, opts, tools=tools or None, interpreter=sandbox is not None, cancel=generation):
+            if cancel is not None and cancel.is_set():
+                generation.set()
             if isinstance(ev, Done):
                 done = ev
             else:

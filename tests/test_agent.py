@@ -222,6 +222,13 @@ def test_interpreter_calls_run_in_the_sandbox(backend, registry):
     assert events[-1].message.content == "Done."
 
 
+def test_an_unset_cancel_event_lets_every_round_run(backend, registry):
+    backend.enqueue(call("calculator", '{"expression": "1+1"}'), call("calculator", '{"expression": "2+2"}'), "4.")
+    events = run(backend, registry, cancel=threading.Event())
+    assert kinds(events) == ["Done", "ToolCallEvent", "ToolResultEvent"] * 2 + ["Done"]
+    assert events[-1].message.content == "4."
+
+
 def test_cancel_ends_the_loop(backend, registry):
     cancel = threading.Event()
     backend.enqueue(call("calculator", '{"expression": "1"}'), "never")
