@@ -41,7 +41,7 @@ if generate and engine is not None and (box := interpreter_panel.sandbox()) is n
     messages = sidebar.system_messages(MODE) + conv.messages
     options = sidebar.generation_options()
 
-    def events(cancel):  # cancel is not passed on to the agent: see app_pages/tools.py
+    def events(cancel):
         history = list(messages)
         if edited is not None:
             for ev in interpreter_panel.run_code_events(box, edited):
@@ -51,6 +51,6 @@ if generate and engine is not None and (box := interpreter_panel.sandbox()) is n
         if not cancel.is_set():
             # no tools here, only the interpreter: an empty registry
             yield from run_agent(engine, history, registry=ToolRegistry(), options=options, sandbox=box,
-                                 max_rounds=state.settings().max_tool_rounds, cancel=None)
+                                 max_rounds=state.settings().max_tool_rounds, cancel=cancel)
 
     run_turn(conv, events, on_stop=box.interrupt)

@@ -40,15 +40,13 @@ if pending is not None and not generate:
             show_observation(observation)
         generate = True
 
-# The agent gets no cancel event: Engine.stream sets the caller's event when each generation ends,
-# which run_agent would read as "stopped" after the first round. run_turn stops it by closing it.
 if generate and engine is not None:
     registry = tools_panel.manual_registry(setup.registry) if setup.manual else setup.registry
     messages = sidebar.system_messages(MODE) + conv.messages
     options = sidebar.generation_options()
     paused = run_turn(conv, lambda cancel: run_agent(
         engine, messages, registry=registry, options=options, tool_choice=setup.agent_tool_choice, sandbox=None,
-        max_rounds=state.settings().max_tool_rounds, cancel=None))  # stopped by closing it: see below
+        max_rounds=state.settings().max_tool_rounds, cancel=cancel))
     if isinstance(paused, NeedObservation):
         st.session_state[f"pending_{MODE}"] = paused.call
         st.rerun()

@@ -141,7 +141,8 @@ class TextDelta:
 class Done:
     """The end of one generation: the parsed assistant message and why it stopped.
 
-    finish_reason: "stop" (eos or a stop string), "length", "tool_calls", "cancelled".
+    finish_reason: "stop" (eos or a stop string), "length", "tool_calls", "cancelled", or "max_rounds"
+    (the agent stopped a turn that kept calling tools).
     """
 
     message: Message

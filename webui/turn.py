@@ -50,8 +50,7 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
              on_stop: Callable[[], None] | None = None) -> NeedObservation | None:
     """Render `events(cancel)` live, then rerun the page; returns the NeedObservation of a paused turn.
 
-    `cancel` is set when the user stops the turn; the events generator is also closed then, which
-    is how an agent loop (that must not get `cancel`, see the tool pages) is stopped.
+    `cancel` is set when the user stops the turn; the events generator is also closed then.
     """
     cancel = threading.Event()
     live = _LiveTurn(conv, cancel)
@@ -129,7 +128,7 @@ def stop_generation() -> None:
 class _LiveTurn:
     def __init__(self, conv: Conversation, cancel: threading.Event) -> None:
         self.conv = conv
-        self.cancel = cancel  # the engine's (it also sets it itself when a generation ends)
+        self.cancel = cancel  # handed to the engine or agent; set on Stop
         self.stopped = threading.Event()  # the user's: set only by stop()
         self.partial: Message | None = None  # the assistant message growing right now
         self.text_slot: Any = None
