@@ -23,7 +23,7 @@ from tools.registry import ToolRegistry  # noqa: E402
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "200"))
 prop = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOURCE = "/configs/generated-tools.yaml"
-FILE_PROBLEM = re.compile(r"(not valid YAML|the file must have one top-level key)")
+FILE_PROBLEM = re.compile(r"(not valid YAML|the file must have one top-level key|nested too deeply)")
 ENTRY_PROBLEM = re.compile(r"tool '.*': (.*: \S|each tool must be a mapping)", re.S)
 
 scalars = st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True) | st.text(max_size=10)
@@ -125,7 +125,9 @@ def test_any_text_loads_or_gives_one_config_error(text):
 
 
 def test_deep_nesting_and_unsafe_tags_are_config_errors():
-    for text in ["[" * 2000, "tools: " + "{a: " * 2000, "tools: !!python/object/apply:os.system ['true']"]:
+    deep_schema = "tools:\n  - {name: t, description: d, manual: true, parameters: {type: object, properties: {a: " + \
+        "{items: " * 400 + "{}" + "}" * 402 + "}\n"
+    for text in ["[" * 2000, "tools: " + "{a: " * 2000, "tools: !!python/object/apply:os.system ['true']", deep_schema]:
         with pytest.raises(ConfigError) as e:
             ToolRegistry().load_yaml_text(text, SOURCE)
         assert str(e.value).startswith(SOURCE)
