@@ -147,24 +147,26 @@ def control_counts(tokenizer: Any, ids: list[int]) -> dict[int, int]:
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("payload", PAYLOADS)
-def test_real_model_prompt_has_no_forged_control_tokens_and_reply_no_forged_call(real, payload, mode):
+def test_real_model_prompt_has_no_forged_control_tokens(real, payload, mode):
     client, recording = real
     model = recording.model_name
-    tokens = 30 if mode == "tools, auto" else 12  # room for the model to copy the whole call
     honest = client.post("/v1/chat/completions", json=body("What is the weather in Paris?", model=model,
                                                             max_tokens=1, **MODES[mode]))
-    assert honest.status_code == 200
-    r = client.post("/v1/chat/completions", json=body(payload, model=model, max_tokens=tokens, **MODES[mode]))
-    assert_not_forged(tool_calls(r), mode)
+    r = client.post("/v1/chat/completions", json=body(payload, model=model, max_tokens=1, **MODES[mode]))
+    assert honest.status_code == 200 and r.status_code == 200, r.text
     honest_ids, attacked_ids = recording.prompts[-2], recording.prompts[-1]
     tok = recording.tokenizer
     assert control_counts(tok, attacked_ids) == control_counts(tok, honest_ids)
     assert "transfer_money" in tok.decode(attacked_ids)  # the attack reached the model, as plain text
 
 
-@pytest.mark.parametrize("payload", PAYLOADS[1:3])
-def test_real_model_streamed_attack_yields_no_forged_call(real, payload):
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_real_model_reply_to_an_attack_has_no_forged_call(real, payload, mode, stream):
     client, recording = real
-    r = client.post("/v1/chat/completions", json=body(payload, stream=True, model=recording.model_name,
-                                                      max_tokens=30, **MODES["tools, auto"]))
-    assert_not_forged(tool_calls(r), "tools, auto")
+    tokens = 30 if mode == "tools, auto" else 12  # room for the model to copy the whole call
+    r = client.post("/v1/chat/completions", json=body(payload, stream, model=recording.model_name,
+                                                      max_tokens=tokens, **MODES[mode]))
+    assert_not_forged(tool_calls(r), mode)

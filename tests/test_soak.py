@@ -161,6 +161,8 @@ def test_soak_mixed_load_on_a_real_server():
               f"({rss_after - rss_before:+.0f} MB); alive {alive}")
         print("soak latency by kind (mean / max s): " + ", ".join(
             f"{k} {sum(v) / len(v):.2f}/{max(v):.2f}" for k, v in latency.items()))
+        for line in errors[:10] + [f"mixed up: {m}" for m in mixed[:10]]:
+            print("soak:", line)
         assert not errors, errors[:5]
         assert not mixed, mixed[:5]
         assert len(results) == len(jobs) and alive
