@@ -58,7 +58,11 @@ def test_a_failing_tool_in_one_session_leaves_the_other_session_working(app_env,
     b = on_page("app_pages/tools.py", cid=B)
 
     def explode(reason: str) -> str:
-        """A tool that always fails."""
+        """A tool that always fails.
+
+        Args:
+            reason: Why it fails.
+        """
         raise RuntimeError(f"boom: {reason}")
 
     a.session_state["tool_registry"].register(explode)  # this session's registry only
