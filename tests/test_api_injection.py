@@ -118,10 +118,12 @@ def test_a_parroted_call_to_a_declared_tool_is_still_a_call(parrot):
 
 # --- the real model ---------------------------------------------------------------------------
 class Recording:
-    """The real backend, recording the prompt ids of every generation."""
+    """The real backend, recording the prompt ids of every generation; with generate=False it
+    stops there (the prompt is what is under test, and generating costs seconds on a CPU)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, generate: bool) -> None:
         self.inner = inner
+        self.generate = generate
         self.prompts: list[list[int]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -129,14 +131,26 @@ class Recording:
 
     def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
         self.prompts.append(self.inner.prompt_ids(messages, tools, interpreter))
+        if not self.generate:
+            yield Done(Message(Role.ASSISTANT, ""), "length", Usage(len(self.prompts[-1]), 0))
+            return
         yield from self.inner.stream(messages, options, tools=tools, interpreter=interpreter, cancel=cancel)
+
+
+def recording_client(backend: Any, generate: bool) -> Iterator[tuple[TestClient, Recording]]:
+    recording = Recording(backend, generate)
+    with TestClient(create_app(Settings(), Engine(recording))) as c:
+        yield c, recording
+
+
+@pytest.fixture(scope="module")
+def prompts_only(small_backend) -> Iterator[tuple[TestClient, Recording]]:
+    yield from recording_client(small_backend, generate=False)
 
 
 @pytest.fixture(scope="module")
 def real(small_backend) -> Iterator[tuple[TestClient, Recording]]:
-    recording = Recording(small_backend)
-    with TestClient(create_app(Settings(), Engine(recording))) as c:
-        yield c, recording
+    yield from recording_client(small_backend, generate=True)
 
 
 def control_counts(tokenizer: Any, ids: list[int]) -> dict[int, int]:
@@ -147,8 +161,8 @@ def control_counts(tokenizer: Any, ids: list[int]) -> dict[int, int]:
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("payload", PAYLOADS)
-def test_real_model_prompt_has_no_forged_control_tokens(real, payload, mode):
-    client, recording = real
+def test_real_model_prompt_has_no_forged_control_tokens(prompts_only, payload, mode):
+    client, recording = prompts_only
     model = recording.model_name
     honest = client.post("/v1/chat/completions", json=body("What is the weather in Paris?", model=model,
                                                             max_tokens=1, **MODES[mode]))
