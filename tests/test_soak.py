@@ -2,7 +2,7 @@
 
 SOAK_REQUESTS (200) requests from 8 client threads over loopback: chat, streaming, tool calls
 (forced and auto), streams the client drops after a few chunks, and bad requests. Every greedy
-request must equal the same request's sequential output (nothing mixed up between concurrent
+request must equal the same request's sequential output (streamed ones the sequential stream's) (nothing mixed up between concurrent
 callers), good requests never fail, bad ones are 4xx, and the server's RSS stays bounded.
 Prints the figures. Bounded: a fixed request count, each with a timeout, under an overall deadline.
 """
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "200"))
 THREADS = 8
-DEADLINE_S = 540
+DEADLINE_S = 1500  # ~10 min on 2 idle cores; shared CI machines are slower
 RSS_GROWTH_LIMIT_MB = 200
 PROMPTS = ["What is the capital of France?", "Name a colour.", "Say hello in Spanish.", "What is 2 + 2?",
            "Give me a fruit.", "Describe the sea in one word.", "Name a planet.", "Who wrote Hamlet?"]
@@ -40,8 +40,8 @@ class Job:
     body: Any
 
     @property
-    def key(self) -> str:  # what identifies the expected output
-        return json.dumps(self.body, sort_keys=True) if self.kind in ("chat", "stream", "tool") else ""
+    def key(self) -> str:  # what identifies the expected output (streams are compared with streams)
+        return f"{self.kind}:{json.dumps(self.body, sort_keys=True)}" if self.kind in ("chat", "stream", "tool") else ""
 
 
 def chat_body(prompt: str, **kw: Any) -> dict[str, Any]:
@@ -115,13 +115,13 @@ def test_soak_mixed_load_on_a_real_server():
     headers = {"Authorization": f"Bearer {KEY}"}
     try:
         jobs = make_jobs(REQUESTS)
-        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+        with httpx.Client(base_url=url, headers=headers, timeout=300) as client:
             # the sequential truth for every distinct greedy request (this also warms the server up)
             expected = {}
             t0 = time.monotonic()
             for job in jobs:
                 if job.key and job.key not in expected:
-                    expected[job.key] = run_job(client, Job("chat", job.body))[1]
+                    expected[job.key] = run_job(client, job)[1]
             print(f"\nsoak: {len(expected)} sequential references in {time.monotonic() - t0:.1f} s")
             assert any(calls for _, calls in expected.values()), "no tool call among the references"
         rss_before = rss_mb(proc.pid)
@@ -143,7 +143,7 @@ def test_soak_mixed_load_on_a_real_server():
                 errors.append(f"{job.kind} {json.dumps(job.body)[:120]}: {type(e).__name__}: {e}"[:400])
 
         limits = httpx.Limits(max_connections=2 * THREADS)  # httpx.Client is thread-safe
-        with httpx.Client(base_url=url, headers=headers, timeout=120, limits=limits) as shared, \
+        with httpx.Client(base_url=url, headers=headers, timeout=300, limits=limits) as shared, \
                 ThreadPoolExecutor(THREADS, thread_name_prefix="soak") as pool:
             list(pool.map(worker, jobs))
         duration = time.monotonic() - started
