@@ -9,6 +9,8 @@ text that may still become a stop string or a tool-call opening, and the final `
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from chatglm_core.backends.base import GenerationOptions
@@ -37,6 +39,52 @@ class Rows(Protocol):
     def remove(self, slot: int) -> None:
         """Forget a finished sequence and free its memory."""
         ...
+
+
+class LocalBackend:
+    """What every local backend shares: prompt ids from the format, a `Decoding` per request, and
+    `stream` as a loop over one row of `open_rows`. Subclasses set `format`, `tokenizer`,
+    `context_window`, `model_name`, `device` and implement `open_rows(capacity) -> Rows`.
+    """
+
+    format: Any
+    tokenizer: Any
+    context_window: int | None
+
+    def open_rows(self, capacity: int) -> Rows:
+        raise NotImplementedError
+
+    def prompt_ids(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                   interpreter: bool = False) -> list[int]:
+        if interpreter and messages and messages[0].role is not Role.SYSTEM:
+            prompt = getattr(self.format, "interpreter_prompt", None)
+            if prompt:
+                messages = [Message(Role.SYSTEM, prompt), *messages]
+        return self.format.encode(messages, tools)
+
+    def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> int:
+        return len(self.prompt_ids(messages, tools))
+
+    def begin(self, messages: list[Message], options: GenerationOptions, *,
+              tools: list[dict[str, Any]] | None = None, interpreter: bool = False) -> Decoding:
+        """The decoding state of one request (raises RequestError for a prompt that doesn't fit)."""
+        ids = self.prompt_ids(messages, tools, interpreter)
+        return Decoding(ids, options, max_new=token_budget(len(ids), options, self.context_window),
+                        stop_token_ids=self.format.stop_token_ids, decode=self.decode, parse=self.format.parse,
+                        processors=build_processors(options, self.tokenizer, self.format.name),
+                        tools=bool(tools), interpreter=interpreter)
+
+    def stream(self, messages: list[Message], options: GenerationOptions, *, tools: list[dict[str, Any]] | None = None,
+               interpreter: bool = False, cancel: threading.Event | None = None) -> Iterator[TextDelta | Done]:
+        dec = self.begin(messages, options, tools=tools, interpreter=interpreter)
+        yield from run_rows(self.open_rows(1), dec, cancel)
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
+        decode_reply = getattr(self.format, "decode_reply", None)
+        if decode_reply is not None:
+            return decode_reply(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class Decoding:

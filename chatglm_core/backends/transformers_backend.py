@@ -10,16 +10,12 @@ the model, for one sequence or for the engine's batch of several (`KVRows`).
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from typing import Any
 
-from chatglm_core.backends.base import GenerationOptions
-from chatglm_core.backends.decoding import Decoding, build_processors, run_rows, token_budget
-from chatglm_core.messages import Done, Message, Role, TextDelta
+from chatglm_core.backends.decoding import LocalBackend
 
 
-class TransformersBackend:
+class TransformersBackend(LocalBackend):
     def __init__(self, model: Any, tokenizer: Any, fmt: Any, *, model_name: str, device: str,
                  context_window: int | None) -> None:
         self.model = model
@@ -36,43 +32,9 @@ class TransformersBackend:
         m = load_model(settings)
         return cls(m.model, m.tokenizer, m.format, model_name=m.name, device=m.device, context_window=m.context_window)
 
-    # --- prompt -----------------------------------------------------------------------------
-    def prompt_ids(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-                   interpreter: bool = False) -> list[int]:
-        if interpreter and messages and messages[0].role is not Role.SYSTEM:
-            prompt = getattr(self.format, "interpreter_prompt", None)
-            if prompt:
-                messages = [Message(Role.SYSTEM, prompt), *messages]
-        return self.format.encode(messages, tools)
-
-    def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> int:
-        return len(self.prompt_ids(messages, tools))
-
-    # --- generation -------------------------------------------------------------------------
-    def begin(self, messages: list[Message], options: GenerationOptions, *,
-              tools: list[dict[str, Any]] | None = None, interpreter: bool = False) -> Decoding:
-        """The decoding state of one request (raises RequestError for a prompt that doesn't fit)."""
-        ids = self.prompt_ids(messages, tools, interpreter)
-        return Decoding(ids, options, max_new=token_budget(len(ids), options, self.context_window),
-                        stop_token_ids=self.format.stop_token_ids, decode=self.decode, parse=self.format.parse,
-                        processors=build_processors(options, self.tokenizer, self.format.name),
-                        tools=bool(tools), interpreter=interpreter)
-
-    def stream(self, messages: list[Message], options: GenerationOptions, *, tools: list[dict[str, Any]] | None = None,
-               interpreter: bool = False, cancel: threading.Event | None = None) -> Iterator[TextDelta | Done]:
-        dec = self.begin(messages, options, tools=tools, interpreter=interpreter)
-        yield from run_rows(self.open_rows(1), dec, cancel)
-
     def open_rows(self, capacity: int) -> KVRows:
         """Up to `capacity` sequences decoded together (the engine's batch, or one for `stream`)."""
         return KVRows(self.model, capacity)
-
-    def decode(self, ids: list[int]) -> str:
-        """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
-        decode_reply = getattr(self.format, "decode_reply", None)
-        if decode_reply is not None:
-            return decode_reply(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class KVRows:
