@@ -54,6 +54,7 @@ CHATGLM3_CASES = [
     ("get_weather\n```python\ntool_call(city='Beijing')\n```", True, "", [("get_weather", {"city": "Beijing"})]),
     ("get_weather\n tool_call(city='Beijing')", True, "", [("get_weather", {"city": "Beijing"})]),
     ("interpreter\n```python\nprint(1+1)\n```", False, "", [(INTERPRETER, {"code": "print(1+1)"})]),
+    ("get_weather\n```python\ntool_call(q='a ``` b')\n```", True, "", [("get_weather", {"q": "a ``` b"})]),
     ("interpreter\n```python\nimport math\nmath.pi", False, "", [(INTERPRETER, {"code": "import math\nmath.pi"})]),
     ("note\nsomething", False, "note\nsomething", []),  # no tools offered: metadata is text
 ]

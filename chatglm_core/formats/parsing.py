@@ -14,8 +14,8 @@ from typing import Any
 from chatglm_core.errors import ParseError
 from chatglm_core.messages import INTERPRETER, Message, Role, ToolCall
 
-_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
-_TOOL_CALL_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+# a fence closes only at the start of a line, so ``` inside a string argument doesn't end the block
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
@@ -79,12 +79,23 @@ def parse_chatglm3_turn(text: str, *, tools: bool = False, interpreter: bool = F
     return Message(Role.ASSISTANT, "", [ToolCall(name, literal_kwargs(code))])
 
 
+_DECODER = json.JSONDecoder()
+
+
 def parse_json_call(payload: str) -> ToolCall:
     """One `{"name": ..., "arguments": {...}}` object (also accepts "parameters")."""
+    return _call_from_json(_json_object(payload.strip(), 0)[0], payload)
+
+
+def _json_object(text: str, pos: int) -> tuple[object, int]:
+    """Decode one JSON value at `pos` (raw_decode, so `</tool_call>` inside a string is fine)."""
     try:
-        obj = json.loads(payload)
+        return _DECODER.raw_decode(text, pos)
     except json.JSONDecodeError as e:
-        raise ParseError(f"tool call is not valid JSON ({e.msg} at position {e.pos}): {payload[:200]!r}") from None
+        raise ParseError(f"tool call is not valid JSON ({e.msg} at position {e.pos}): {text[pos:pos + 200]!r}") from None
+
+
+def _call_from_json(obj: object, source: str) -> ToolCall:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         raise ParseError('a tool call must be a JSON object like {"name": "tool", "arguments": {...}}')
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -100,13 +111,28 @@ def parse_json_call(payload: str) -> ToolCall:
     return ToolCall(obj["name"], args)
 
 
+def parse_json_calls(text: str) -> list[ToolCall]:
+    """Every `<tool_call>{...}</tool_call>` in `text` (a missing close tag at the end is tolerated)."""
+    calls, pos = [], 0
+    while (start := text.find(TOOL_CALL_OPEN, pos)) >= 0:
+        body = start + len(TOOL_CALL_OPEN)
+        while body < len(text) and text[body].isspace():
+            body += 1
+        obj, end = _json_object(text, body)
+        calls.append(_call_from_json(obj, text))
+        rest = text[end:].lstrip()
+        if rest.startswith(TOOL_CALL_CLOSE):
+            end = len(text) - len(rest) + len(TOOL_CALL_CLOSE)
+        pos = end
+    return calls
+
+
 def parse_json_turn(text: str, *, tools: bool = False, interpreter: bool = False) -> Message:
     """The JSON form: text, then zero or more `<tool_call>{...}</tool_call>`; or a ```python block
     when the code interpreter is on."""
     if tools and TOOL_CALL_OPEN in text:
         head = text.split(TOOL_CALL_OPEN, 1)[0].strip()
-        calls = [parse_json_call(m.group(1)) for m in _TOOL_CALL_TAG.finditer(text)]
-        return Message(Role.ASSISTANT, head, calls)
+        return Message(Role.ASSISTANT, head, parse_json_calls(text))
     if interpreter:
         code = extract_code_block(text, ("python", "py"))
         if code is not None and code.strip():
