@@ -56,7 +56,7 @@ soak: setup-dev
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_perf.py
 
 clean:
 	rm -rf $(VENV) data
