@@ -105,7 +105,7 @@ def single_stream(settings, args) -> tuple[object, object]:
         print("  llama-cpp-python is not installed: `pip install -r requirements-llamacpp.txt`; llama.cpp rows skipped")
     else:
         llb = llamacpp.LlamaCppBackend.from_settings(settings)
-        anchor = anchor_llama(llb.gguf, llb.n_threads, llb.n_ctx)
+        anchor = anchor_llama(llb.gguf, llb.n_threads, llb.context_window)
         ids = llb.prompt_ids(STORY)
         ours_runs, anchor_runs, tfm_runs = [], [], []
         timed_stream(llb.stream, STORY, greedy(8))
@@ -118,7 +118,7 @@ def single_stream(settings, args) -> tuple[object, object]:
         anc = statistics.median(r[1] for r in anchor_runs)
         tf = statistics.median(r[1] for r in tfm_runs)
         ratios = [o[1] / a[1] for o, a in zip(ours_runs, anchor_runs, strict=True)]
-        print(f"  (llama.cpp: {llb.n_threads} threads, n_ctx {llb.n_ctx}; tokens {ours_runs[0][2]} vs "
+        print(f"  (llama.cpp: {llb.n_threads} threads, n_ctx {llb.context_window} per row; tokens {ours_runs[0][2]} vs "
               f"{anchor_runs[0][2]})")
         line("llamacpp backend decode", f"{ours:7.1f} tok/s", f"llama-cpp-python {anc:7.1f} tok/s",
              statistics.median(ratios), "goal >= 0.8")

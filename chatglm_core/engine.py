@@ -135,8 +135,17 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
+            try:
+                if self._rows is None:
+                    self._rows = self.backend.open_rows(self.max_batch)  # type: ignore[attr-defined]
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+                with self._cv:
+                    waiting, self._pending = self._pending, []
+                for req in waiting:
+                    req.put(e, _END)
+                continue
             with self._cv:
-                room = self.max_batch - len(self._active)
+                room = min(self.max_batch, self._rows.capacity) - len(self._active)
                 arrivals, self._pending = self._pending[:room], self._pending[room:]
                 if not arrivals and not self._active:
                     self._worker = None  # the next _submit starts a fresh worker
@@ -162,8 +171,6 @@ class Engine:
             req.put(e, _END)
             return
         try:
-            if self._rows is None:
-                self._rows = self.backend.open_rows(self.max_batch)  # type: ignore[attr-defined]
             req.slot, logits = self._rows.add(req.decoding.prompt_ids)
         except BaseException as e:  # its prefill failed (e.g. out of memory): the batch goes on without it
             req.put(e, _END)

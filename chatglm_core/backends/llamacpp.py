@@ -6,8 +6,8 @@ token ids match llama.cpp's vocabulary), and sampling, penalties, constraints, s
 cancellation are the shared `decoding.Decoding`: a request gives the same prompt ids and samples
 the same way on either backend.
 
-Several sequences decode together in one llama.cpp context (one sequence id per row, a unified KV
-cache of `n_ctx` tokens shared by all rows), which is how the engine batches concurrent callers.
+Several sequences decode together in one llama.cpp context (one sequence id and its own KV cells
+per row), which is how the engine batches concurrent callers.
 
 llama-cpp-python is optional (`requirements-llamacpp.txt`); it builds llama.cpp from source with
 ``-march=native`` for the machine it is installed on.
@@ -27,8 +27,9 @@ from chatglm_core.errors import ConfigError, GenerationError, RequestError
 
 log = logging.getLogger(__name__)
 
-#: KV cache size (tokens, all rows together) when the model's training context is larger.
-DEFAULT_N_CTX = 8192
+#: Context per row (tokens) when the model's training context is larger; the KV cache holds
+#: DEFAULT_N_CTX x DEFAULT_SEQUENCES tokens (720 MiB for SmolLM2-135M in f16).
+DEFAULT_N_CTX = 4096
 #: Rows one context can hold: the engine's default batch.
 DEFAULT_SEQUENCES = 8
 
@@ -52,7 +53,7 @@ class LlamaCppBackend(LocalBackend):
     device = "cpu"
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
-                 n_threads: int | None = None, sequences: int = DEFAULT_SEQUENCES) -> None:
+                 n_threads: int | None = None, sequences: int = DEFAULT_SEQUENCES, flash_attn: bool = False) -> None:
         import llama_cpp
 
         _quiet_native_logs()
@@ -66,15 +67,20 @@ class LlamaCppBackend(LocalBackend):
         if not self._model:
             raise ConfigError(f"llama.cpp could not load {gguf}: is it a valid GGUF file of a supported architecture?")
         train_ctx = llama_cpp.llama_model_n_ctx_train(self._model)
-        self.n_ctx = n_ctx or min(train_ctx, DEFAULT_N_CTX)
-        self.context_window = self.n_ctx
-        self.n_batch = min(512, self.n_ctx)
+        self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
+        self.n_ctx = self.context_window * sequences
+        self.n_batch = min(512, self.context_window)
         threads = n_threads or _cpu_count()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
         cparams.n_seq_max = sequences
-        cparams.kv_unified = True  # one pool of cells: a long conversation may use all of it
+        # Each row gets its own KV cells: attention then sees exactly a single stream's keys, so a
+        # batched row's greedy output equals its single-stream one (a unified cache does not).
+        cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = threads
+        # llama-cpp-python's own default (off): greedy output then equals `Llama(...)`'s token for token
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -82,6 +88,7 @@ class LlamaCppBackend(LocalBackend):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.sequences = sequences
         self._free_seqs = list(range(sequences))
         self.n_threads = threads
 
@@ -149,7 +156,7 @@ class LlamaCppBackend(LocalBackend):
             b.n_tokens = len(chunk)
             rc = ll.llama_decode(self._ctx, b)
             if rc == 1:
-                raise GenerationError(f"llama.cpp's KV cache ({self.n_ctx} tokens for all running requests) is full: "
+                raise GenerationError(f"llama.cpp's KV cache ({self.context_window} tokens per request) is full: "
                                       "shorten the conversation or lower max_new_tokens")
             if rc != 0:
                 raise GenerationError(f"llama.cpp failed to decode (code {rc})")
@@ -165,7 +172,7 @@ class LlamaRows:
 
     def __init__(self, backend: LlamaCppBackend, capacity: int) -> None:
         self.backend = backend
-        self.capacity = capacity
+        self.capacity = min(capacity, backend.sequences)
         self.seqs: dict[int, int] = {}  # slot -> llama.cpp sequence id
         self.pos: dict[int, int] = {}  # slot -> next position
         self._next_slot = 0
@@ -249,7 +256,7 @@ def _quiet_native_logs() -> None:
     if _log_callback is None:
         @llama_cpp.llama_log_callback
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level in (2, 3):  # warnings and errors
+            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
                 log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
         _log_callback = callback  # keep it alive: llama.cpp holds the pointer
