@@ -74,10 +74,10 @@ def greedy(n: int) -> GenerationOptions:
 
 
 # --- 1. single stream vs llama.cpp ------------------------------------------------------------------
-def anchor_llama(gguf: Path, threads: int, n_ctx: int):
+def anchor_llama(gguf: Path, n_ctx: int):
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)  # its default threads, as ours
 
 
 def anchor_run(llm, prompt_ids: list[int], n: int) -> tuple[float, float, int]:
@@ -93,40 +93,41 @@ def anchor_run(llm, prompt_ids: list[int], n: int) -> tuple[float, float, int]:
     return first - t0, (k - 1) / max(end - first, 1e-9), k
 
 
-def single_stream(settings, args) -> tuple[object, object]:
+def single_stream_llamacpp(settings, args):
     from chatglm_core.backends import llamacpp
+
+    llb = llamacpp.LlamaCppBackend.from_settings(settings)
+    anchor = anchor_llama(llb.gguf, llb.context_window)
+    ids = llb.prompt_ids(STORY)
+    timed_stream(llb.stream, STORY, greedy(8))
+    anchor_run(anchor, ids, 8)
+    ours_runs, anchor_runs = [], []
+    for _ in range(args.runs):
+        anchor_runs.append(anchor_run(anchor, ids, args.tokens))
+        ours_runs.append(timed_stream(llb.stream, STORY, greedy(args.tokens)))
+    ours = statistics.median(r[1] for r in ours_runs)
+    anc = statistics.median(r[1] for r in anchor_runs)
+    ratios = [o[1] / a[1] for o, a in zip(ours_runs, anchor_runs, strict=True)]
+    print(f"  (llama.cpp: {llb.n_threads} thread(s) per token, n_ctx {llb.context_window} per row; tokens "
+          f"{ours_runs[0][2]} vs {anchor_runs[0][2]})")
+    line("llamacpp backend decode", f"{ours:7.1f} tok/s", f"llama-cpp-python {anc:7.1f} tok/s",
+         statistics.median(ratios), "goal >= 0.8")
+    line("llamacpp time to first token", f"{statistics.median(r[0] for r in ours_runs) * 1000:7.1f} ms",
+         f"llama-cpp-python {statistics.median(r[0] for r in anchor_runs) * 1000:7.1f} ms")
+    del anchor
+    return llb
+
+
+def single_stream_transformers(settings, args):
     from chatglm_core.backends.transformers_backend import TransformersBackend
 
-    print("1. single-stream decode, embedded GGUF, greedy, "
-          f"{args.tokens} tokens (median of {args.runs}, alternating sides)")
     tfm = TransformersBackend.from_settings(settings.model_copy(update={"backend": "transformers"}))
-    llb = None
-    if not llamacpp.available():
-        print("  llama-cpp-python is not installed: `pip install -r requirements-llamacpp.txt`; llama.cpp rows skipped")
-    else:
-        llb = llamacpp.LlamaCppBackend.from_settings(settings)
-        anchor = anchor_llama(llb.gguf, llb.n_threads, llb.context_window)
-        ids = llb.prompt_ids(STORY)
-        ours_runs, anchor_runs, tfm_runs = [], [], []
-        timed_stream(llb.stream, STORY, greedy(8))
-        anchor_run(anchor, ids, 8)
-        for _ in range(args.runs):
-            anchor_runs.append(anchor_run(anchor, ids, args.tokens))
-            ours_runs.append(timed_stream(llb.stream, STORY, greedy(args.tokens)))
-            tfm_runs.append(timed_stream(tfm.stream, STORY, greedy(args.tokens)))
-        ours = statistics.median(r[1] for r in ours_runs)
-        anc = statistics.median(r[1] for r in anchor_runs)
-        tf = statistics.median(r[1] for r in tfm_runs)
-        ratios = [o[1] / a[1] for o, a in zip(ours_runs, anchor_runs, strict=True)]
-        print(f"  (llama.cpp: {llb.n_threads} threads, n_ctx {llb.context_window} per row; tokens {ours_runs[0][2]} vs "
-              f"{anchor_runs[0][2]})")
-        line("llamacpp backend decode", f"{ours:7.1f} tok/s", f"llama-cpp-python {anc:7.1f} tok/s",
-             statistics.median(ratios), "goal >= 0.8")
-        line("transformers fp32 decode", f"{tf:7.1f} tok/s", f"llama-cpp-python {anc:7.1f} tok/s", tf / anc)
-        line("llamacpp time to first token", f"{statistics.median(r[0] for r in ours_runs) * 1000:7.1f} ms",
-             f"llama-cpp-python {statistics.median(r[0] for r in anchor_runs) * 1000:7.1f} ms")
-        del anchor
-    return llb, tfm
+    timed_stream(tfm.stream, STORY, greedy(8))
+    runs = [timed_stream(tfm.stream, STORY, greedy(args.tokens)) for _ in range(args.runs)]
+    line("transformers fp32 decode", f"{statistics.median(r[1] for r in runs):7.1f} tok/s",
+         "(compare: llama.cpp rows above)")
+    line("transformers time to first token", f"{statistics.median(r[0] for r in runs) * 1000:7.1f} ms")
+    return tfm
 
 
 # --- 2. streaming overhead ------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def under_load(backend, args) -> None:
         results: dict[int, tuple[float, float, int]] = {}
         barrier = threading.Barrier(8)
 
-        def caller(i: int) -> None:
+        def caller(i: int, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             results[i] = timed_stream(engine.stream, [Message(Role.USER, LOAD_PROMPTS[i])], greedy(n))  # noqa: B023
 
@@ -199,8 +200,8 @@ def startup(data_dir: Path, backend: str, runs: int) -> None:
     name = backend
     for _ in range(runs + 1):  # the first run warms caches (converted weights, tokenizer, page cache)
         t = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", STARTUP.format(root=str(ROOT), data=str(data_dir), backend=backend)],
-                             capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        code = STARTUP.format(root=str(ROOT), data=str(data_dir), backend=backend)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         times.append(time.perf_counter() - t)
         name = out.stdout.split()[0]
     line(f"start-up backend={backend} ({name})", f"{statistics.median(times[1:]):7.2f} s",
@@ -234,29 +235,46 @@ def gpu(settings, args) -> None:
     under_load(backend, args)
 
 
+def part(name: str, settings, args) -> None:
+    """One backend's figures, in a process of its own: llama.cpp's and torch's OpenMP thread pools
+    in one process slow each other down, which would be a fault of the benchmark, not the backends."""
+    if name == "llamacpp":
+        from chatglm_core.backends import llamacpp
+
+        if not llamacpp.available():
+            print("  llama-cpp-python is not installed (`pip install -r requirements-llamacpp.txt`): skipped")
+            return
+        backend = single_stream_llamacpp(settings, args)
+    else:
+        backend = single_stream_transformers(settings, args)
+    overhead(backend, args)
+    under_load(backend, args)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer runs and start-ups (a smoke run)")
     ap.add_argument("--data-dir", default=os.environ.get("CHATGLM_DATA_DIR", "data"))
+    ap.add_argument("--part", choices=["llamacpp", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.runs, args.tokens = 1, min(args.tokens, 32)
     data_dir = Path(args.data_dir).resolve()
     settings = load_settings(data_dir=data_dir, device="cpu", model_path=None, backend="llamacpp")
+    if args.part:
+        part(args.part, settings, args)
+        return
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
           "(other work on the machine moves absolute figures; compare ratios)")
     t0 = time.perf_counter()
-    llb, tfm = single_stream(settings, args)
-    print("2. streaming overhead (whole run incl. first token)")
-    for b in (llb, tfm):
-        if b is not None:
-            overhead(b, args)
-    print(f"3. under load: 8 simultaneous callers, {args.tokens} tokens each")
-    for b in (llb, tfm):
-        if b is not None:
-            under_load(b, args)
+    print(f"1-3. per backend (its own process): single-stream decode, greedy, {args.tokens} tokens, median of "
+          f"{args.runs} alternating runs; streaming overhead (whole run incl. first token); 8 simultaneous callers")
+    for name in ("llamacpp", "transformers"):
+        print(f" [{name}]", flush=True)
+        subprocess.run([sys.executable, __file__, "--part", name, "--data-dir", str(data_dir), "--runs",
+                        str(args.runs), "--tokens", str(args.tokens)], check=True)
     print("4. start-up, warm cache")
     startup(data_dir, "auto", 1 if args.quick else 3)
     print("5. code interpreter sandbox")

@@ -15,10 +15,13 @@ llama-cpp-python is optional (`requirements-llamacpp.txt`); it builds llama.cpp 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import importlib.util
 import logging
 import os
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +73,17 @@ class LlamaCppBackend(LocalBackend):
         self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
         self.n_ctx = self.context_window * sequences
         self.n_batch = min(512, self.context_window)
-        threads = n_threads or _cpu_count()
+        # llama-cpp-python's defaults: half the CPUs for one-token steps (hyper-threads don't help
+        # and a spare core keeps spin-waiting threads from stalling on a busy machine), all of them
+        # for prompts and batched steps
+        threads = n_threads or max(1, _cpu_count() // 2)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
         cparams.n_seq_max = sequences
         # Each row gets its own KV cells: attention then sees exactly a single stream's keys, so a
         # batched row's greedy output equals its single-stream one (a unified cache does not).
         cparams.kv_unified = False
-        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.n_threads, cparams.n_threads_batch = threads, max(threads, _cpu_count())
         # llama-cpp-python's own default (off): greedy output then equals `Llama(...)`'s token for token
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -88,6 +94,8 @@ class LlamaCppBackend(LocalBackend):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._use = threading.Lock()  # held while llama.cpp runs, so close() never frees under it
+        _open_backends.add(self)
         self.sequences = sequences
         self._free_seqs = list(range(sequences))
         self.n_threads = threads
@@ -115,12 +123,14 @@ class LlamaCppBackend(LocalBackend):
         return LlamaRows(self, capacity)
 
     def close(self) -> None:
+        """Free the model and context (waits for a decode in flight); later requests fail cleanly."""
         ll = self._ll
-        if getattr(self, "_ctx", None):
-            ll.llama_batch_free(self._batch)
-            ll.llama_free(self._ctx)
-            ll.llama_model_free(self._model)
-            self._ctx = self._model = None
+        with self._use:
+            if getattr(self, "_ctx", None):
+                ll.llama_batch_free(self._batch)
+                ll.llama_free(self._ctx)
+                ll.llama_model_free(self._model)
+                self._ctx = self._model = self._memory = None
 
     def __del__(self) -> None:
         try:
@@ -132,16 +142,22 @@ class LlamaCppBackend(LocalBackend):
     def take_seq(self) -> int:
         if not self._free_seqs:
             raise RuntimeError("all llama.cpp sequences are in use")
-        seq = self._free_seqs.pop(0)
-        self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        return seq
+        return self._free_seqs.pop(0)
 
     def release_seq(self, seq: int) -> None:
-        self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        with self._use:
+            if self._memory is not None:
+                self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
         self._free_seqs.append(seq)
 
     def run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Decode (token, position, sequence, wants logits) items; logits (1-D tensors) of those asking."""
+        with self._use:
+            if self._ctx is None:
+                raise GenerationError("the llama.cpp backend is closed (the process is shutting down?)")
+            return self._run(items)
+
+    def _run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         import numpy as np
         import torch
 
@@ -246,6 +262,15 @@ def _cpu_count() -> int:
 
 
 _log_callback: Any = None
+_open_backends: weakref.WeakSet[LlamaCppBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free llama.cpp before the interpreter and the C++ runtime are torn down: an engine's worker
+    thread (a daemon) may still be decoding, and native teardown under it aborts the process."""
+    for backend in list(_open_backends):
+        backend.close()
 
 
 def _quiet_native_logs() -> None:
