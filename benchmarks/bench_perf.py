@@ -201,7 +201,8 @@ def startup(data_dir: Path, backend: str, runs: int) -> None:
     for _ in range(runs + 1):  # the first run warms caches (converted weights, tokenizer, page cache)
         t = time.perf_counter()
         code = STARTUP.format(root=str(ROOT), data=str(data_dir), backend=backend)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
         times.append(time.perf_counter() - t)
         name = out.stdout.split()[0]
     line(f"start-up backend={backend} ({name})", f"{statistics.median(times[1:]):7.2f} s",
