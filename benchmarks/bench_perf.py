@@ -53,6 +53,20 @@ def line(name: str, value: str, anchor: str = "", ratio: float | None = None, go
     print(f"  {name:<34} {value:<16} {anchor:<30} {r:<13} {goal}", flush=True)
 
 
+def off_main(fn):
+    """Run `fn` on a fresh thread and wait. Measured work never runs on the main thread: on this
+    machine llama.cpp and torch decode several times slower there (seen with both backends, even
+    with llama-cpp-python alone), while the engine always generates on a worker thread."""
+    def wrapper(*args, **kw):
+        box: list = []
+        t = threading.Thread(target=lambda: box.append(fn(*args, **kw)))
+        t.start()
+        t.join()
+        return box[0]
+    return wrapper
+
+
+@off_main
 def timed_stream(source, messages: list[Message], options: GenerationOptions) -> tuple[float, float, int]:
     """(seconds to first text, decode tok/s after the first token, completion tokens) of one stream."""
     t0 = time.perf_counter()
@@ -80,6 +94,7 @@ def anchor_llama(gguf: Path, n_ctx: int):
     return Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)  # its default threads, as ours
 
 
+@off_main
 def anchor_run(llm, prompt_ids: list[int], n: int) -> tuple[float, float, int]:
     """llama-cpp-python's own completion, streamed: (first token s, decode tok/s, tokens)."""
     llm.reset()  # no prefix reuse from the previous run: prefill the whole prompt like our side
