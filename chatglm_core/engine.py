@@ -17,9 +17,11 @@ Setting a caller's cancel event, or closing its generator, ends its generation w
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,8 @@ class Engine:
         self._active: list[_Request] = []
         self._worker: threading.Thread | None = None
         self._rows: Any = None
+        self._closing = False
+        _engines.add(self)
 
     @property
     def model_name(self) -> str:
@@ -105,6 +109,17 @@ class Engine:
         assert done is not None, "backend ended without a Done event"
         return done
 
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel every generation and wait for the batch worker to stop (run at interpreter exit:
+        a daemon thread still inside native code while Python finalizes can abort the process)."""
+        with self._cv:
+            self._closing = True
+            worker = self._worker
+            for req in self._pending + self._active:
+                req.cancel.set()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
+
     def busy(self) -> int:
         """How many generations are running or waiting."""
         with self._cv:
@@ -128,6 +143,8 @@ class Engine:
     # --- the batch loop ---------------------------------------------------------------------
     def _submit(self, req: _Request) -> None:
         with self._cv:
+            if self._closing:
+                raise GenerationError("the engine is shutting down")
             self._pending.append(req)
             if self._worker is None:
                 self._worker = threading.Thread(target=self._loop, name="engine-batch", daemon=True)
@@ -214,6 +231,15 @@ class Engine:
         self._rows = None  # its state is unknown after a failure: start afresh
         for req in failed:
             req.put(error, _END)
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for engine in list(_engines):
+        engine.shutdown()
 
 
 def validate_messages(messages: list[Message]) -> None:

@@ -258,3 +258,28 @@ def test_chatglm3_checkpoint_through_the_engine(small_settings):
                                     GenerationOptions(temperature=0, max_new_tokens=122))
     assert done.raw_text == ref["chat_greedy_text"]
     assert done.usage.completion_tokens == 122 and done.finish_reason == "length"
+
+
+def test_process_exits_cleanly_while_a_generation_runs(small_settings):
+    """Exiting mid-generation must not abort: the batch worker is stopped before Python finalizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from chatglm_core.backends import load_backend\n"
+        "from chatglm_core.backends.base import GenerationOptions\n"
+        "from chatglm_core.engine import Engine\n"
+        "from chatglm_core.messages import Message, Role\n"
+        "from chatglm_core.settings import load_settings\n"
+        f"engine = Engine(load_backend(load_settings(data_dir={str(small_settings.data_dir)!r}, device='cpu', "
+        "backend='transformers')))\n"
+        "stream = engine.stream([Message(Role.USER, 'Tell me a long story.')], "
+        "GenerationOptions(temperature=0, max_new_tokens=300))\n"
+        "print(next(stream).text, flush=True)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=root,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()
