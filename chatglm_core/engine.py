@@ -1,30 +1,69 @@
 """The shared engine: one backend per process, many concurrent callers.
 
-Every caller (a browser session, an API request, the CLI) gets its own event stream. The
-backend itself is not thread-safe, so each generation runs on a worker thread while holding the
-engine's lock: callers queue in arrival order. A caller that stops iterating (closes the
-generator, disconnects) or sets its cancel event ends its generation within a token, which
-frees the model for the next caller.
+Every caller (a browser session, an API request, the CLI) gets its own event stream. Backends
+are not thread-safe, so the engine owns them from one worker thread:
+
+- A local backend that can decode several sequences in lock-step (``open_rows``, see
+  `backends.decoding.Rows`) is driven by a batch loop: each step appends one token to every
+  running request, and a request that arrives is prefilled and joins the batch at the next step
+  (continuous batching, up to `max_batch` rows; later arrivals wait their turn). A request that
+  finishes, is cancelled or whose caller went away leaves the batch at once; the others go on.
+  Each row sees only its own tokens (padding is masked), so its output is its single-stream one.
+- Any other backend (remote, scripted) runs one generation at a time under a lock, in arrival
+  order.
+
+Setting a caller's cancel event, or closing its generator, ends its generation within a token.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from chatglm_core.backends.base import Backend, GenerationOptions
 from chatglm_core.errors import ChatGLMError, GenerationError, RequestError
 from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
 
+log = logging.getLogger(__name__)
+
 _END = object()
 
 
+@dataclass
+class _Request:
+    messages: list[Message]
+    options: GenerationOptions
+    tools: list[dict[str, Any]] | None
+    interpreter: bool
+    cancel: threading.Event
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    decoding: Any = None
+    slot: int | None = None
+
+    def put(self, *events: Any) -> None:
+        for ev in events:
+            self.events.put(ev)
+
+
 class Engine:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, max_batch: int = 8) -> None:
         self.backend = backend
-        self._lock = threading.Lock()
+        self.max_batch = max_batch
+        self._lock = threading.Lock()  # one generation at a time, for backends that can't batch
+        self._batching = callable(getattr(backend, "open_rows", None)) and callable(getattr(backend, "begin", None))
+        self._cv = threading.Condition()
+        self._pending: list[_Request] = []
+        self._active: list[_Request] = []
+        self._worker: threading.Thread | None = None
+        self._rows: Any = None
+        self._closing = False
+        _engines.add(self)
 
     @property
     def model_name(self) -> str:
@@ -41,29 +80,17 @@ class Engine:
     ) -> Iterator[TextDelta | Done]:
         """Events of one generation: TextDeltas, then a Done. Raises ChatGLMError subclasses."""
         validate_messages(messages)
-        options = options or GenerationOptions()
-        cancel = cancel or threading.Event()
-        events: queue.Queue[Any] = queue.Queue()
+        req = _Request(messages, options or GenerationOptions(), tools, interpreter, cancel or threading.Event())
+        return self._events(req)
 
-        def work() -> None:
-            try:
-                with self._lock:
-                    if cancel.is_set():
-                        events.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()))
-                        return
-                    for ev in self.backend.stream(messages, options, tools=tools, interpreter=interpreter,
-                                                  cancel=cancel):
-                        events.put(ev)
-            except BaseException as e:  # handed to the caller's thread, re-raised there
-                events.put(e)
-            finally:
-                events.put(_END)
-
-        worker = threading.Thread(target=work, name="engine-generate", daemon=True)
-        worker.start()
+    def _events(self, req: _Request) -> Iterator[TextDelta | Done]:
+        if self._batching:
+            self._submit(req)
+        else:
+            threading.Thread(target=self._run_alone, args=(req,), name="engine-generate", daemon=True).start()
         finished = False
         try:
-            while (ev := events.get()) is not _END:
+            while (ev := req.events.get()) is not _END:
                 if isinstance(ev, ChatGLMError):
                     raise ev
                 if isinstance(ev, MemoryError):
@@ -74,7 +101,7 @@ class Engine:
             finished = True
         finally:
             if not finished:
-                cancel.set()  # a caller that stopped early (or hit an error) frees the model
+                req.cancel.set()  # a caller that stopped early (or hit an error) frees its row (or the model)
 
     def complete(self, messages: list[Message], options: GenerationOptions | None = None, **kw: Any) -> Done:
         """Run one generation to the end and return its Done."""
@@ -84,6 +111,138 @@ class Engine:
                 done = ev
         assert done is not None, "backend ended without a Done event"
         return done
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel every generation and wait for the batch worker to stop (run at interpreter exit:
+        a daemon thread still inside native code while Python finalizes can abort the process)."""
+        with self._cv:
+            self._closing = True
+            worker = self._worker
+            for req in self._pending + self._active:
+                req.cancel.set()
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
+
+    def busy(self) -> int:
+        """How many generations are running or waiting."""
+        with self._cv:
+            return len(self._pending) + len(self._active) + (1 if self._lock.locked() else 0)
+
+    # --- one at a time ----------------------------------------------------------------------
+    def _run_alone(self, req: _Request) -> None:
+        try:
+            with self._lock:
+                if req.cancel.is_set():
+                    req.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()))
+                    return
+                for ev in self.backend.stream(req.messages, req.options, tools=req.tools,
+                                              interpreter=req.interpreter, cancel=req.cancel):
+                    req.put(ev)
+        except BaseException as e:  # handed to the caller's thread, re-raised there
+            req.put(e)
+        finally:
+            req.put(_END)
+
+    # --- the batch loop ---------------------------------------------------------------------
+    def _submit(self, req: _Request) -> None:
+        with self._cv:
+            if self._closing:
+                raise GenerationError("the engine is shutting down")
+            self._pending.append(req)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="engine-batch", daemon=True)
+                self._worker.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                if self._rows is None:
+                    self._rows = self.backend.open_rows(self.max_batch)  # type: ignore[attr-defined]
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+                with self._cv:
+                    waiting, self._pending = self._pending, []
+                for req in waiting:
+                    req.put(e, _END)
+                continue
+            with self._cv:
+                room = min(self.max_batch, self._rows.capacity) - len(self._active)
+                arrivals, self._pending = self._pending[:room], self._pending[room:]
+                if not arrivals and not self._active:
+                    self._worker = None  # the next _submit starts a fresh worker
+                    return
+            try:
+                for req in arrivals:
+                    self._admit(req)
+                self._drop_cancelled()
+                if self._active:
+                    self._step()
+            except BaseException as e:  # the model failed: every running request gets the error
+                log.exception("batch step failed")
+                self._fail_all(e)
+
+    def _admit(self, req: _Request) -> None:
+        try:
+            if req.cancel.is_set():
+                req.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()), _END)
+                return
+            req.decoding = self.backend.begin(req.messages, req.options, tools=req.tools,  # type: ignore[attr-defined]
+                                              interpreter=req.interpreter)
+        except BaseException as e:  # a bad request fails alone
+            req.put(e, _END)
+            return
+        try:
+            req.slot, logits = self._rows.add(req.decoding.prompt_ids)
+        except BaseException as e:  # its prefill failed (e.g. out of memory): the batch goes on without it
+            req.put(e, _END)
+            return
+        with self._cv:
+            self._active.append(req)
+        self._advance(req, logits)
+
+    def _step(self) -> None:
+        logits = self._rows.step({r.slot: r.decoding.generated[-1] for r in self._active})
+        for req in list(self._active):
+            self._advance(req, logits[req.slot])
+
+    def _advance(self, req: _Request, logits: Any) -> None:
+        """Sample this row's next token and hand its text to the caller; retire it when done."""
+        dec = req.decoding
+        try:
+            deltas, over = dec.accept(dec.sample(logits))
+            req.put(*deltas)
+            if over:
+                self._retire(req, dec.finish())
+        except BaseException as e:  # e.g. a constraint processor failing on this request only
+            self._retire(req, [e])
+
+    def _drop_cancelled(self) -> None:
+        for req in list(self._active):
+            if req.cancel.is_set():
+                self._retire(req, req.decoding.finish("cancelled"))
+
+    def _retire(self, req: _Request, events: list[Any]) -> None:
+        with self._cv:
+            if req in self._active:
+                self._active.remove(req)
+        if req.slot is not None and self._rows is not None:
+            self._rows.remove(req.slot)
+        req.put(*events, _END)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            failed, self._active = self._active, []
+        self._rows = None  # its state is unknown after a failure: start afresh
+        for req in failed:
+            req.put(error, _END)
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for engine in list(_engines):
+        engine.shutdown()
 
 
 def validate_messages(messages: list[Message]) -> None:

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cli_question_clear_exit(small_settings):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(small_settings.data_dir), "CHATGLM_DATA_DIR": str(small_settings.data_dir),
-           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+           "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CHATGLM_BACKEND": "transformers"}  # the reply below is fp32's
     proc = subprocess.run(
         [sys.executable, "-m", "chatglm_core.cli", "--temperature", "0", "--max-new-tokens", "20"],
         input="What is the capital of France?\nclear\nexit\n", capture_output=True, text=True, timeout=180,

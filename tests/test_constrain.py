@@ -193,11 +193,14 @@ def valid_call(backend, text, spec):
     return calls[0].arguments if validator.is_valid(calls[0].arguments) else None
 
 
-def test_forced_calls_are_always_schema_valid_with_sampling(small_backend):
+@pytest.mark.parametrize("per_schema", [2, pytest.param(None, marks=pytest.mark.slow)])
+def test_forced_calls_are_always_schema_valid_with_sampling(small_backend, per_schema):
     """Every constrained reply that ends is a schema-valid call. A reply can still be cut off by
-    max_new_tokens while the model loops inside a (bounded) string; that is counted, not hidden."""
+    max_new_tokens while the model loops inside a (bounded) string; that is counted, not hidden.
+    `make test` samples 2 prompts per schema, `make soak` all of them."""
     counts = {True: [0, 0, 0], False: [0, 0, 0]}  # valid, cut off, total
     for spec, prompts in CASES:
+        prompts = prompts[:per_schema]
         for constrained in (True, False):
             replies = sample_batch(small_backend, spec, prompts, constrained=constrained,
                                    max_new_tokens=128 if spec in (FLIGHT, SHOPPING) else 96)

@@ -1,6 +1,7 @@
 """The engine and the transformers backend on the real SmolLM2, loaded through the real path."""
 
 import threading
+import time
 
 import pytest
 
@@ -81,9 +82,12 @@ def test_closing_the_stream_cancels(small_engine):
     gen = small_engine.stream([Message(Role.USER, "Count to one hundred.")],
                               GenerationOptions(temperature=0, max_new_tokens=400))
     next(gen)
+    assert small_engine.busy() == 1
     gen.close()
-    assert small_engine._lock.acquire(timeout=5), "generation kept running after the caller left"
-    small_engine._lock.release()
+    deadline = time.monotonic() + 5
+    while small_engine.busy() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert small_engine.busy() == 0, "generation kept running after the caller left"
 
 
 def test_four_concurrent_callers_get_their_own_greedy_output(small_engine):
@@ -101,6 +105,111 @@ def test_four_concurrent_callers_get_their_own_greedy_output(small_engine):
     for t in threads:
         t.join(timeout=120)
     assert [results[i] for i in range(4)] == expected
+
+
+EIGHT = ["What is 2+2?", "Name a color.", "Say hello in French.", "What is the capital of Italy?",
+         "Write a haiku about the sea.", "List three fruits.", "Who wrote Hamlet?", "Explain gravity in one sentence."]
+
+
+def concurrently(engine, jobs, stagger=0.0):
+    """Run (messages, options, kwargs) jobs on their own threads; returns each one's (text, done)."""
+    results: dict[int, tuple[str, Done]] = {}
+
+    def run(i: int) -> None:
+        time.sleep(stagger * i)
+        messages, options, kw = jobs[i]
+        results[i] = collect(engine, messages, options, **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return [results[i] for i in range(len(jobs))]
+
+
+def test_eight_concurrent_callers_are_batched_and_get_their_single_stream_output(small_engine, small_backend):
+    """Rows join a running batch (staggered), finish at different lengths and leave; each row's
+    greedy text equals what the backend alone produces for that prompt."""
+    opts = GenerationOptions(temperature=0, max_new_tokens=24)
+    jobs = [([Message(Role.USER, p)], opts, {}) for p in EIGHT]
+    expected = [collect_backend(small_backend, m, o) for m, o, _ in jobs]
+    peak = []
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.is_set():
+            peak.append(small_engine.busy())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    got = concurrently(small_engine, jobs, stagger=0.02)
+    finished.set()
+    watcher.join()
+    assert [text for text, _ in got] == expected
+    assert max(peak) >= 4, "requests did not overlap"
+    assert all(done.finish_reason in ("stop", "length") for _, done in got)
+
+
+def test_batched_rows_keep_their_own_options_and_cancellation(small_engine, small_backend):
+    """Different sampling options, stop strings and penalties in one batch; one caller cancels."""
+    jobs = [
+        (FRANCE, GenerationOptions(temperature=0, max_new_tokens=20, stop=["Paris"]), {}),
+        ([Message(Role.USER, "Name a color.")], GenerationOptions(temperature=0.9, top_p=0.9, max_new_tokens=20,
+                                                                  seed=7), {}),
+        ([Message(Role.USER, "List three fruits.")], GenerationOptions(temperature=0, max_new_tokens=20,
+                                                                       repetition_penalty=1.3), {}),
+        ([Message(Role.USER, "Who wrote Hamlet?")], GenerationOptions(temperature=0, max_new_tokens=20,
+                                                                      frequency_penalty=0.5), {}),
+    ]
+    expected = [collect_backend(small_backend, m, o) for m, o, _ in jobs]
+    cancel = threading.Event()
+    story = [Message(Role.USER, "Tell me a very long story about a dragon.")]
+
+    def cancelled_caller() -> Done:
+        done = None
+        for n, ev in enumerate(small_engine.stream(story, GenerationOptions(temperature=0, max_new_tokens=400),
+                                                   cancel=cancel)):
+            if n == 3:
+                cancel.set()
+            if isinstance(ev, Done):
+                done = ev
+        return done
+
+    box = []
+    t = threading.Thread(target=lambda: box.append(cancelled_caller()))
+    t.start()
+    got = concurrently(small_engine, jobs)
+    t.join(timeout=120)
+    assert [text for text, _ in got] == expected
+    assert got[0][0] == "The capital of France is " and got[0][1].finish_reason == "stop"
+    assert box[0].finish_reason == "cancelled" and box[0].usage.completion_tokens <= 8
+
+
+def test_bad_request_in_a_batch_fails_alone(small_engine, small_backend, monkeypatch):
+    monkeypatch.setattr(small_backend, "context_window", 60)
+    long = [Message(Role.USER, "word " * 80)]
+    jobs = [(FRANCE, GenerationOptions(temperature=0, max_new_tokens=10), {})] * 2
+
+    errors = []
+
+    def bad() -> None:
+        try:
+            collect(small_engine, long)
+        except RequestError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=bad)
+    t.start()
+    got = concurrently(small_engine, jobs)
+    t.join()
+    assert len(errors) == 1 and "context window" in str(errors[0])
+    assert all(text.startswith("The capital of France") for text, _ in got)
+
+
+def collect_backend(backend, messages, options):
+    return "".join(ev.text for ev in backend.stream(messages, options) if isinstance(ev, TextDelta))
 
 
 def test_prompt_longer_than_context_is_a_request_error(small_engine, small_backend, monkeypatch):
@@ -157,3 +266,28 @@ def test_a_finished_generation_leaves_the_callers_event_alone(scripted):
     assert collect(engine, FRANCE, cancel=cancel)[0] == "one"
     assert not cancel.is_set()  # the same event can drive the next round of a tool loop
     assert collect(engine, FRANCE, cancel=cancel)[0] == "two"
+
+
+def test_process_exits_cleanly_while_a_generation_runs(small_settings):
+    """Exiting mid-generation must not abort: the batch worker is stopped before Python finalizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from chatglm_core.backends import load_backend\n"
+        "from chatglm_core.backends.base import GenerationOptions\n"
+        "from chatglm_core.engine import Engine\n"
+        "from chatglm_core.messages import Message, Role\n"
+        "from chatglm_core.settings import load_settings\n"
+        f"engine = Engine(load_backend(load_settings(data_dir={str(small_settings.data_dir)!r}, device='cpu', "
+        "backend='transformers')))\n"
+        "stream = engine.stream([Message(Role.USER, 'Tell me a long story.')], "
+        "GenerationOptions(temperature=0, max_new_tokens=300))\n"
+        "print(next(stream).text, flush=True)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=root,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()

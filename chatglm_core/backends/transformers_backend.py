@@ -4,21 +4,18 @@ A hand-written loop (rather than ``model.generate`` on a helper thread) gives pe
 cancellation is checked between tokens, stop strings are matched on the decoded text, text that
 might still become a stop string or a tool-call opening is held back, and every token is counted.
 Sampling uses transformers' own logits processors, so greedy output equals ``model.generate``'s.
+The per-request side (sampling, stop handling, text) is `decoding.Decoding`; this module only runs
+the model, for one sequence or for the engine's batch of several (`KVRows`).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from typing import Any
 
-from chatglm_core.backends.base import GenerationOptions
-from chatglm_core.errors import ParseError, RequestError
-from chatglm_core.formats.parsing import TOOL_CALL_OPEN
-from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
+from chatglm_core.backends.decoding import LocalBackend
 
 
-class TransformersBackend:
+class TransformersBackend(LocalBackend):
     def __init__(self, model: Any, tokenizer: Any, fmt: Any, *, model_name: str, device: str,
                  context_window: int | None) -> None:
         self.model = model
@@ -35,193 +32,116 @@ class TransformersBackend:
         m = load_model(settings)
         return cls(m.model, m.tokenizer, m.format, model_name=m.name, device=m.device, context_window=m.context_window)
 
-    # --- prompt -----------------------------------------------------------------------------
-    def prompt_ids(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-                   interpreter: bool = False) -> list[int]:
-        if interpreter and messages and messages[0].role is not Role.SYSTEM:
-            prompt = getattr(self.format, "interpreter_prompt", None)
-            if prompt:
-                messages = [Message(Role.SYSTEM, prompt), *messages]
-        return self.format.encode(messages, tools)
+    def open_rows(self, capacity: int) -> KVRows:
+        """Up to `capacity` sequences decoded together (the engine's batch, or one for `stream`)."""
+        return KVRows(self.model, capacity)
 
-    def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> int:
-        return len(self.prompt_ids(messages, tools))
 
-    # --- generation -------------------------------------------------------------------------
-    def stream(self, messages: list[Message], options: GenerationOptions, *, tools: list[dict[str, Any]] | None = None,
-               interpreter: bool = False, cancel: threading.Event | None = None) -> Iterator[TextDelta | Done]:
-        ids = self.prompt_ids(messages, tools, interpreter)
-        max_new = options.max_new_tokens
-        if self.context_window:
-            room = self.context_window - len(ids)
-            if room <= 0:
-                raise RequestError(
-                    f"the prompt is {len(ids)} tokens, longer than the model's context window of "
-                    f"{self.context_window}: shorten the conversation", param="messages", code="context_length_exceeded")
-            max_new = min(max_new, room)
-        text_out = _TextAssembler(options.stop, hold=[TOOL_CALL_OPEN] if tools else [])
-        generated: list[int] = []
-        sampled = 0
-        finish = "length"
-        for token in self.tokens(ids, options, max_new, cancel):
-            if token is None:
-                finish = "cancelled"
-                break
-            sampled += 1
-            if token in self.format.stop_token_ids:
-                finish = "stop"
-                break
-            generated.append(token)
-            delta, stopped = text_out.feed(self.decode(generated))
-            if delta:
-                yield TextDelta(delta)
-            if stopped:
-                finish = "stop"
-                break
-        tail = text_out.flush()
-        if tail:
-            yield TextDelta(tail)
-        usage = Usage(len(ids), sampled)
-        yield self._done(text_out.text, finish, usage, tools=bool(tools), interpreter=interpreter)
+class KVRows:
+    """Sequences in one left-padded batch over a shared DynamicCache.
 
-    def decode(self, ids: list[int]) -> str:
-        """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
-        decode_reply = getattr(self.format, "decode_reply", None)
-        if decode_reply is not None:
-            return decode_reply(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    A new sequence is prefilled alone (exactly as a single stream would be), then its cache is
+    left-padded to the batch's length (or the batch to its) and stacked on. Each step feeds one
+    token per row with a 2-D attention mask that hides the padding and per-row position ids, so a
+    row's positions and visible keys are those of its own single stream. Finished rows are cut out
+    and padding columns no row needs any more are dropped.
+    """
 
-    def _done(self, text: str, finish: str, usage: Usage, *, tools: bool, interpreter: bool) -> Done:
-        try:
-            message = self.format.parse(text, tools=tools, interpreter=interpreter)
-        except ParseError as e:
-            return Done(Message(Role.ASSISTANT, text.strip()), finish, usage, raw_text=text, parse_error=str(e))
-        if message.tool_calls and finish != "cancelled":
-            finish = "tool_calls"
-        return Done(message, finish, usage, raw_text=text)
+    def __init__(self, model: Any, capacity: int) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.cache: Any = None
+        self.slots: list[int] = []  # batch row -> slot
+        self.mask: Any = None  # (rows, kv length) 1 = real token
+        self.pos: Any = None  # (rows,) next position of each row
+        self._next_slot = 0
 
-    def tokens(self, ids: list[int], options: GenerationOptions, max_new: int,
-               cancel: threading.Event | None) -> Iterator[int | None]:
-        """Sampled token ids one at a time; None once `cancel` is set."""
+    def add(self, ids: list[int]) -> tuple[int, Any]:
         import torch
         from transformers import DynamicCache
 
-        processors = self._processors(options)
-        generator = None
-        if options.seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(options.seed)
-        device = self.model.device
-        all_ids = torch.tensor([ids], device=device)
-        step_ids = all_ids
-        cache = DynamicCache()
+        if len(self.slots) >= self.capacity:
+            raise RuntimeError("KVRows is full")
         with torch.inference_mode():
-            for _ in range(max_new):
-                if cancel is not None and cancel.is_set():
-                    yield None
-                    return
-                out = self.model(input_ids=step_ids, cache=cache, use_cache=True)
-                cache = getattr(out, "cache", None) or out.past_key_values
-                scores = out.logits[:, -1, :].float()
-                scores = processors(all_ids, scores)
-                if options.greedy:
-                    nxt = int(scores.argmax(-1))
-                else:
-                    probs = torch.softmax(scores, dim=-1).cpu()
-                    nxt = int(torch.multinomial(probs, 1, generator=generator))
-                yield nxt
-                step_ids = torch.tensor([[nxt]], device=device)
-                all_ids = torch.cat([all_ids, step_ids], dim=-1)
+            cache = DynamicCache()
+            out = self.model(input_ids=torch.tensor([ids], device=self.model.device), cache=cache, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            logits = out.logits[0, -1, :]
+            n = len(ids)
+            mask = torch.ones(1, n, dtype=torch.long, device=self.model.device)
+            pos = torch.tensor([n], device=self.model.device)
+            if self.cache is None:
+                self.cache, self.mask, self.pos = cache, mask, pos
+            else:
+                self._stack(cache, mask, pos)
+        slot = self._next_slot
+        self._next_slot += 1
+        self.slots.append(slot)
+        return slot, logits
 
-    def _processors(self, options: GenerationOptions) -> Any:
-        from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                  TopKLogitsWarper, TopPLogitsWarper)
-
-        procs = LogitsProcessorList()
-        if options.constraint is not None:
-            from chatglm_core.constrain import logits_processor
-
-            procs.append(logits_processor(options.constraint, self.tokenizer, self.format.name))
-        if options.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
-        if options.presence_penalty or options.frequency_penalty:
-            procs.append(_OpenAIPenalties(options.presence_penalty, options.frequency_penalty))
-        if not options.greedy:
-            procs.append(TemperatureLogitsWarper(options.temperature))
-            if options.top_k:
-                procs.append(TopKLogitsWarper(options.top_k))
-            if options.top_p < 1.0:
-                procs.append(TopPLogitsWarper(options.top_p))
-        return procs
-
-
-class _OpenAIPenalties:
-    """OpenAI's presence/frequency penalties on the tokens generated so far."""
-
-    def __init__(self, presence: float, frequency: float) -> None:
-        self.presence, self.frequency = presence, frequency
-        self.prompt_len: int | None = None
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
+    def _stack(self, cache: Any, mask: Any, pos: Any) -> None:
         import torch
 
-        if self.prompt_len is None:
-            self.prompt_len = input_ids.shape[1]
-        gen = input_ids[0, self.prompt_len:]
-        if gen.numel() == 0:
-            return scores
-        counts = torch.bincount(gen, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
-        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+        width, n = self.mask.shape[1], mask.shape[1]
+        if n < width:
+            _left_pad(cache, width - n)
+            mask = torch.cat([mask.new_zeros(1, width - n), mask], dim=1)
+        elif n > width:
+            _left_pad(self.cache, n - width)
+            self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], n - width), self.mask], dim=1)
+        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
+            mine.values = torch.cat([mine.values, theirs.values], dim=0)
+        self.mask = torch.cat([self.mask, mask], dim=0)
+        self.pos = torch.cat([self.pos, pos])
+
+    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+        import torch
+
+        if set(tokens) != set(self.slots):
+            raise RuntimeError("KVRows.step needs one token for every open row")
+        device = self.model.device
+        ids = torch.tensor([[tokens[s]] for s in self.slots], device=device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.slots), 1)], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.pos[:, None],
+                             cache=self.cache, use_cache=True)
+        self.cache = getattr(out, "cache", None) or out.past_key_values
+        self.pos = self.pos + 1
+        logits = out.logits[:, -1, :]
+        return {s: logits[i] for i, s in enumerate(self.slots)}
+
+    def remove(self, slot: int) -> None:
+        import torch
+
+        if slot not in self.slots:
+            return
+        keep = [i for i, s in enumerate(self.slots) if s != slot]
+        self.slots = [self.slots[i] for i in keep]
+        if not keep:
+            self.cache = self.mask = self.pos = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.pos = self.mask[index], self.pos[index]
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else 0  # leading columns that are padding in every row
+        self.mask = self.mask[:, first:]
+        for layer in _layers(self.cache):
+            layer.keys = layer.keys[index, :, first:, :]
+            layer.values = layer.values[index, :, first:, :]
 
 
-class _TextAssembler:
-    """Turns the growing decoded text into deltas, honouring stop strings.
+def _layers(cache: Any) -> list[Any]:
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        raise RuntimeError(f"batching needs a plain DynamicCache, got {type(cache).__name__}")
+    return layers
 
-    Text that could still turn into a stop string (or a held marker such as `<tool_call>`) is held
-    back until it can't; an incomplete UTF-8 character (U+FFFD at the end) is held too. Once a held
-    marker appears, nothing more is emitted as text: the rest is a call, not prose.
-    """
 
-    def __init__(self, stop: list[str], hold: list[str]) -> None:
-        self.stop = [s for s in stop if s]
-        self.hold = hold
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-        self.silenced = False
+def _left_pad(cache: Any, n: int) -> None:
+    import torch
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        for s in self.stop:
-            i = text.find(s)
-            if i >= 0:
-                self.text, self.stopped = text[:i], True
-                return self._emit(len(self.text)), True
-        self.text = text
-        if not self.silenced:
-            for marker in self.hold:
-                i = text.find(marker)
-                if i >= 0:
-                    out = self._emit(i)
-                    self.silenced = True
-                    return out, False
-        safe = len(text.rstrip("\ufffd"))
-        for s in self.stop + self.hold:
-            for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe = min(safe, len(text[:safe]) - k)
-                    break
-        return self._emit(safe), False
-
-    def _emit(self, upto: int) -> str:
-        if self.silenced or upto <= self.sent:
-            return ""
-        out = self.text[self.sent:upto]
-        self.sent = upto
-        return out
-
-    def flush(self) -> str:
-        # a character cut by max_tokens is garbage: dropped from the final text too, so the
-        # streamed reply and the whole one stay equal
-        self.text = self.text.rstrip("\ufffd")
-        if self.silenced:
-            return ""
-        return self._emit(len(self.text))
+    for layer in _layers(cache):
+        b, h, _, d = layer.keys.shape
+        layer.keys = torch.cat([layer.keys.new_zeros(b, h, n, d), layer.keys], dim=2)
+        layer.values = torch.cat([layer.values.new_zeros(b, h, n, layer.values.shape[-1]), layer.values], dim=2)

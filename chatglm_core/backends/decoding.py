@@ -1,0 +1,291 @@
+"""One request's decoding state, shared by every local backend and by the engine's batch loop.
+
+A local backend only has to turn token ids into next-token logits (`Rows`: prefill a sequence,
+then step all sequences one token at a time). Everything else about a request lives here: the
+prompt's token budget, sampling with transformers' own logits processors (so greedy output equals
+``model.generate``'s and every backend samples alike), stop tokens and stop strings, holding back
+text that may still become a stop string or a tool-call opening, and the final `Done`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from chatglm_core.backends.base import GenerationOptions
+from chatglm_core.errors import ParseError, RequestError
+from chatglm_core.formats.parsing import TOOL_CALL_OPEN
+from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
+
+
+class Rows(Protocol):
+    """Sequences decoded in lock-step: the part of a local backend that runs the model.
+
+    Logits are 1-D float tensors over the vocabulary for the next token of one sequence.
+    """
+
+    #: How many sequences may be open at once.
+    capacity: int
+
+    def add(self, ids: list[int]) -> tuple[int, Any]:
+        """Prefill a new sequence; returns (its slot, logits for its first generated token)."""
+        ...
+
+    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+        """Append one token to each listed slot (every open slot); returns next logits per slot."""
+        ...
+
+    def remove(self, slot: int) -> None:
+        """Forget a finished sequence and free its memory."""
+        ...
+
+
+class LocalBackend:
+    """What every local backend shares: prompt ids from the format, a `Decoding` per request, and
+    `stream` as a loop over one row of `open_rows`. Subclasses set `format`, `tokenizer`,
+    `context_window`, `model_name`, `device` and implement `open_rows(capacity) -> Rows`.
+    """
+
+    format: Any
+    tokenizer: Any
+    context_window: int | None
+
+    def open_rows(self, capacity: int) -> Rows:
+        raise NotImplementedError
+
+    def prompt_ids(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                   interpreter: bool = False) -> list[int]:
+        if interpreter and messages and messages[0].role is not Role.SYSTEM:
+            prompt = getattr(self.format, "interpreter_prompt", None)
+            if prompt:
+                messages = [Message(Role.SYSTEM, prompt), *messages]
+        return self.format.encode(messages, tools)
+
+    def count_tokens(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> int:
+        return len(self.prompt_ids(messages, tools))
+
+    def begin(self, messages: list[Message], options: GenerationOptions, *,
+              tools: list[dict[str, Any]] | None = None, interpreter: bool = False) -> Decoding:
+        """The decoding state of one request (raises RequestError for a prompt that doesn't fit)."""
+        ids = self.prompt_ids(messages, tools, interpreter)
+        return Decoding(ids, options, max_new=token_budget(len(ids), options, self.context_window),
+                        stop_token_ids=self.format.stop_token_ids, decode=self.decode, parse=self.format.parse,
+                        processors=build_processors(options, self.tokenizer, self.format.name),
+                        tools=bool(tools), interpreter=interpreter)
+
+    def stream(self, messages: list[Message], options: GenerationOptions, *, tools: list[dict[str, Any]] | None = None,
+               interpreter: bool = False, cancel: threading.Event | None = None) -> Iterator[TextDelta | Done]:
+        dec = self.begin(messages, options, tools=tools, interpreter=interpreter)
+        yield from run_rows(self.open_rows(1), dec, cancel)
+
+    def decode(self, ids: list[int]) -> str:
+        """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
+        decode_reply = getattr(self.format, "decode_reply", None)
+        if decode_reply is not None:
+            return decode_reply(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class Decoding:
+    """Sampling and text assembly of one generation, fed one token at a time."""
+
+    def __init__(self, prompt_ids: list[int], options: GenerationOptions, *, max_new: int, stop_token_ids: Any,
+                 decode: Any, parse: Any, processors: Any, tools: bool, interpreter: bool) -> None:
+        import torch
+
+        self.prompt_ids = prompt_ids
+        self.options = options
+        self.max_new = max_new
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self._decode, self._parse = decode, parse
+        self.processors = processors
+        self.tools, self.interpreter = tools, interpreter
+        self.generator = torch.Generator(device="cpu").manual_seed(options.seed) if options.seed is not None else None
+        self.text = TextAssembler(options.stop, hold=[TOOL_CALL_OPEN] if tools else [])
+        self.all_ids = torch.tensor([prompt_ids])
+        self.generated: list[int] = []
+        self.sampled = 0
+        self.finish_reason = "length"
+
+    def sample(self, logits: Any) -> int:
+        """The next token from this sequence's logits (1-D), after penalties, constraints and warpers."""
+        import torch
+
+        scores = logits.float().reshape(1, -1)
+        if self.processors:
+            scores = self.processors(self.all_ids, scores)
+        if self.options.greedy:
+            return int(scores.argmax(-1))
+        probs = torch.softmax(scores, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def accept(self, token: int) -> tuple[list[TextDelta], bool]:
+        """Take a sampled token: (text deltas it releases, whether the generation is over)."""
+        import torch
+
+        self.sampled += 1
+        if token in self.stop_token_ids:
+            self.finish_reason = "stop"
+            return [], True
+        self.generated.append(token)
+        if self.processors:  # only processors read the history; greedy plain decoding skips the copy
+            self.all_ids = torch.cat([self.all_ids, torch.tensor([[token]])], dim=-1)
+        delta, stopped = self.text.feed(self._decode(self.generated))
+        if stopped:
+            self.finish_reason = "stop"
+        out = [TextDelta(delta)] if delta else []
+        return out, stopped or self.sampled >= self.max_new
+
+    def finish(self, reason: str | None = None) -> list[TextDelta | Done]:
+        """The held-back tail (if any) and the Done; `reason` overrides, e.g. "cancelled"."""
+        finish = reason or self.finish_reason
+        out: list[TextDelta | Done] = []
+        tail = self.text.flush()
+        if tail:
+            out.append(TextDelta(tail))
+        usage = Usage(len(self.prompt_ids), self.sampled)
+        text = self.text.text
+        try:
+            message = self._parse(text, tools=self.tools, interpreter=self.interpreter)
+        except ParseError as e:
+            out.append(Done(Message(Role.ASSISTANT, text.strip()), finish, usage, raw_text=text, parse_error=str(e)))
+            return out
+        if message.tool_calls and finish != "cancelled":
+            finish = "tool_calls"
+        out.append(Done(message, finish, usage, raw_text=text))
+        return out
+
+
+def token_budget(prompt_len: int, options: GenerationOptions, context_window: int | None) -> int:
+    """max_new_tokens cut to the room left in the context window; RequestError when there is none."""
+    max_new = options.max_new_tokens
+    if max_new < 1:
+        raise RequestError(f"max_new_tokens is {max_new}: it must be at least 1", param="max_tokens")
+    if context_window:
+        room = context_window - prompt_len
+        if room <= 0:
+            raise RequestError(
+                f"the prompt is {prompt_len} tokens, longer than the model's context window of "
+                f"{context_window}: shorten the conversation", param="messages", code="context_length_exceeded")
+        max_new = min(max_new, room)
+    return max_new
+
+
+def build_processors(options: GenerationOptions, tokenizer: Any, format_name: str) -> Any:
+    """transformers logits processors for the options; an empty list for plain greedy decoding."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if options.constraint is not None:
+        from chatglm_core.constrain import logits_processor
+
+        procs.append(logits_processor(options.constraint, tokenizer, format_name))
+    if options.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+    if options.presence_penalty or options.frequency_penalty:
+        procs.append(OpenAIPenalties(options.presence_penalty, options.frequency_penalty))
+    if not options.greedy:
+        procs.append(TemperatureLogitsWarper(options.temperature))
+        if options.top_k:
+            procs.append(TopKLogitsWarper(options.top_k))
+        if options.top_p < 1.0:
+            procs.append(TopPLogitsWarper(options.top_p))
+    return procs
+
+
+def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
+    """A single generation over `rows`: the backends' own `stream` loop. Yields events."""
+    slot = None
+    try:
+        if cancel is not None and cancel.is_set():
+            yield from dec.finish("cancelled")
+            return
+        slot, logits = rows.add(dec.prompt_ids)
+        while True:
+            deltas, over = dec.accept(dec.sample(logits))
+            yield from deltas
+            if over:
+                break
+            if cancel is not None and cancel.is_set():
+                yield from dec.finish("cancelled")
+                return
+            logits = rows.step({slot: dec.generated[-1]})[slot]
+        yield from dec.finish()
+    finally:
+        if slot is not None:
+            rows.remove(slot)
+
+
+class OpenAIPenalties:
+    """OpenAI's presence/frequency penalties on the tokens generated so far."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence, self.frequency = presence, frequency
+        self.prompt_len: int | None = None
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+        gen = input_ids[0, self.prompt_len:]
+        if gen.numel() == 0:
+            return scores
+        counts = torch.bincount(gen, minlength=scores.shape[-1])[: scores.shape[-1]].to(scores.dtype)
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class TextAssembler:
+    """Turns the growing decoded text into deltas, honouring stop strings.
+
+    Text that could still turn into a stop string (or a held marker such as `<tool_call>`) is held
+    back until it can't; an incomplete UTF-8 character (U+FFFD at the end) is held too. Once a held
+    marker appears, nothing more is emitted as text: the rest is a call, not prose.
+    """
+
+    def __init__(self, stop: list[str], hold: list[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.hold = hold
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+        self.silenced = False
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0:
+                self.text, self.stopped = text[:i], True
+                return self._emit(len(self.text)), True
+        self.text = text
+        if not self.silenced:
+            for marker in self.hold:
+                i = text.find(marker)
+                if i >= 0:
+                    out = self._emit(i)
+                    self.silenced = True
+                    return out, False
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe -= 1
+        for s in self.stop + self.hold:
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe = min(safe, len(text[:safe]) - k)
+                    break
+        return self._emit(safe), False
+
+    def _emit(self, upto: int) -> str:
+        if self.silenced or upto <= self.sent:
+            return ""
+        out = self.text[self.sent:upto]
+        self.sent = upto
+        return out
+
+    def flush(self) -> str:
+        if self.silenced:
+            return ""
+        return self._emit(len(self.text.rstrip("\ufffd")))
+

@@ -1,0 +1,288 @@
+"""GGUF models on llama.cpp (``llama-cpp-python``): the fast CPU path for the embedded default.
+
+Only the forward pass runs in llama.cpp. The prompt is rendered by the same injection-safe chat
+template format as the transformers path, with the GGUF's own tokenizer (read by transformers, so
+token ids match llama.cpp's vocabulary), and sampling, penalties, constraints, stop handling and
+cancellation are the shared `decoding.Decoding`: a request gives the same prompt ids and samples
+the same way on either backend.
+
+Several sequences decode together in one llama.cpp context (one sequence id and its own KV cells
+per row), which is how the engine batches concurrent callers.
+
+llama-cpp-python is optional (`requirements-llamacpp.txt`); it builds llama.cpp from source with
+``-march=native`` for the machine it is installed on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.util
+import logging
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from chatglm_core.backends.decoding import LocalBackend
+from chatglm_core.errors import ConfigError, GenerationError, RequestError
+
+log = logging.getLogger(__name__)
+
+#: Context per row (tokens) when the model's training context is larger; the KV cache holds
+#: DEFAULT_N_CTX x DEFAULT_SEQUENCES tokens (720 MiB for SmolLM2-135M in f16).
+DEFAULT_N_CTX = 4096
+#: Rows one context can hold: the engine's default batch.
+DEFAULT_SEQUENCES = 8
+
+
+def available() -> bool:
+    """Whether llama-cpp-python is installed (without importing it: the import loads a native library)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def gguf_path(settings: Any) -> Path | None:
+    """The GGUF file the settings point at (the embedded default when MODEL_PATH is unset), else None."""
+    from chatglm_core.models.loader import embedded_gguf
+
+    if settings.model_path is None:
+        return embedded_gguf()
+    p = Path(settings.model_path).expanduser()
+    return p if p.is_file() and p.suffix.lower() == ".gguf" else None
+
+
+class LlamaCppBackend(LocalBackend):
+    device = "cpu"
+
+    def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
+                 n_threads: int | None = None, sequences: int = DEFAULT_SEQUENCES, flash_attn: bool = False) -> None:
+        import llama_cpp
+
+        _quiet_native_logs()
+        self.tokenizer, self.format, self.model_name = tokenizer, fmt, model_name
+        self.gguf = gguf
+        self._ll = llama_cpp
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self._model:
+            raise ConfigError(f"llama.cpp could not load {gguf}: is it a valid GGUF file of a supported architecture?")
+        train_ctx = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
+        self.n_ctx = self.context_window * sequences
+        self.n_batch = min(512, self.context_window)
+        # llama-cpp-python's defaults: half the CPUs for one-token steps (hyper-threads don't help
+        # and a spare core keeps spin-waiting threads from stalling on a busy machine), all of them
+        # for prompts and batched steps
+        threads = n_threads or max(1, _cpu_count() // 2)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
+        cparams.n_seq_max = sequences
+        # Each row gets its own KV cells: attention then sees exactly a single stream's keys, so a
+        # batched row's greedy output equals its single-stream one (a unified cache does not).
+        cparams.kv_unified = False
+        cparams.n_threads, cparams.n_threads_batch = threads, max(threads, _cpu_count())
+        # llama-cpp-python's own default (off): greedy output then equals `Llama(...)`'s token for token
+        cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise ConfigError(f"llama.cpp could not create a context of {self.n_ctx} tokens for {gguf}: lower n_ctx")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._use = threading.Lock()  # held while llama.cpp runs, so close() never frees under it
+        _open_backends.add(self)
+        self.sequences = sequences
+        self._free_seqs = list(range(sequences))
+        self.n_threads = threads
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LlamaCppBackend:
+        from chatglm_core.models.loader import EMBEDDED_NAME
+
+        if not available():
+            raise ConfigError("backend=llamacpp needs llama-cpp-python: `pip install -r requirements-llamacpp.txt` "
+                              "(builds llama.cpp, a few minutes), or set CHATGLM_BACKEND=transformers")
+        gguf = gguf_path(settings)
+        if gguf is None:
+            raise ConfigError(f"backend=llamacpp runs .gguf files; MODEL_PATH={settings.model_path!r} is not one: "
+                              "point it at a .gguf file or set CHATGLM_BACKEND=transformers")
+        if settings.device not in ("auto", "cpu"):
+            raise ConfigError(f"backend=llamacpp runs on the CPU here; device={settings.device} needs "
+                              "CHATGLM_BACKEND=transformers")
+        tokenizer = gguf_tokenizer(gguf, settings)
+        fmt = _format(gguf, tokenizer)
+        name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
+        return cls(gguf, tokenizer, fmt, model_name=name)
+
+    def open_rows(self, capacity: int) -> LlamaRows:
+        return LlamaRows(self, capacity)
+
+    def close(self) -> None:
+        """Free the model and context (waits for a decode in flight); later requests fail cleanly."""
+        ll = self._ll
+        with self._use:
+            if getattr(self, "_ctx", None):
+                ll.llama_batch_free(self._batch)
+                ll.llama_free(self._ctx)
+                ll.llama_model_free(self._model)
+                self._ctx = self._model = self._memory = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes already
+            pass
+
+    # --- the context, used by LlamaRows ------------------------------------------------------
+    def take_seq(self) -> int:
+        if not self._free_seqs:
+            raise RuntimeError("all llama.cpp sequences are in use")
+        return self._free_seqs.pop(0)
+
+    def release_seq(self, seq: int) -> None:
+        with self._use:
+            if self._memory is not None:
+                self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._free_seqs.append(seq)
+
+    def run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+        """Decode (token, position, sequence, wants logits) items; logits (1-D tensors) of those asking."""
+        with self._use:
+            if self._ctx is None:
+                raise GenerationError("the llama.cpp backend is closed (the process is shutting down?)")
+            return self._run(items)
+
+    def _run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        ll, b = self._ll, self._batch
+        out: list[Any] = []
+        for start in range(0, len(items), self.n_batch):
+            chunk = items[start:start + self.n_batch]
+            for i, (tok, pos, seq, logits) in enumerate(chunk):
+                b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = logits
+            b.n_tokens = len(chunk)
+            rc = ll.llama_decode(self._ctx, b)
+            if rc == 1:
+                raise GenerationError(f"llama.cpp's KV cache ({self.context_window} tokens per request) is full: "
+                                      "shorten the conversation or lower max_new_tokens")
+            if rc != 0:
+                raise GenerationError(f"llama.cpp failed to decode (code {rc})")
+            for i, (_, _, _, logits) in enumerate(chunk):
+                if logits:
+                    ptr = ll.llama_get_logits_ith(self._ctx, i)
+                    out.append(torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()))
+        return out
+
+
+class LlamaRows:
+    """Rows as llama.cpp sequences: a prompt is one sequence's prefill, a step one token per row."""
+
+    def __init__(self, backend: LlamaCppBackend, capacity: int) -> None:
+        self.backend = backend
+        self.capacity = min(capacity, backend.sequences)
+        self.seqs: dict[int, int] = {}  # slot -> llama.cpp sequence id
+        self.pos: dict[int, int] = {}  # slot -> next position
+        self._next_slot = 0
+
+    def add(self, ids: list[int]) -> tuple[int, Any]:
+        if len(self.seqs) >= self.capacity:
+            raise RuntimeError("LlamaRows is full")
+        if not ids:
+            raise RequestError("the prompt is empty", param="messages")
+        seq = self.backend.take_seq()
+        try:
+            (logits,) = self.backend.run([(t, p, seq, p == len(ids) - 1) for p, t in enumerate(ids)])
+        except BaseException:
+            self.backend.release_seq(seq)
+            raise
+        slot = self._next_slot
+        self._next_slot += 1
+        self.seqs[slot], self.pos[slot] = seq, len(ids)
+        return slot, logits
+
+    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+        slots = list(tokens)
+        logits = self.backend.run([(tokens[s], self.pos[s], self.seqs[s], True) for s in slots])
+        for s in slots:
+            self.pos[s] += 1
+        return dict(zip(slots, logits, strict=True))
+
+    def remove(self, slot: int) -> None:
+        seq = self.seqs.pop(slot, None)
+        self.pos.pop(slot, None)
+        if seq is not None:
+            self.backend.release_seq(seq)
+
+
+def gguf_tokenizer(gguf: Path, settings: Any) -> Any:
+    """The GGUF's tokenizer via transformers, cached beside the converted weights (no dequantizing)."""
+    from transformers import AutoTokenizer
+
+    from chatglm_core.models.loader import gguf_cache_dir
+
+    converted = gguf_cache_dir(gguf, settings)
+    if (converted / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(converted)
+    folder = converted.with_name(converted.name + "-tokenizer")
+    if not (folder / "tokenizer_config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # transformers raises many types for an unsupported tokenizer
+            raise ConfigError(f"could not read the tokenizer of {gguf}: {e}") from e
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            tmp.rename(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _format(gguf: Path, tokenizer: Any) -> Any:
+    from chatglm_core.formats.hf_template import HFTemplateFormat
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"{gguf} is not a chat model: its tokenizer has no chat template. Use an instruct/chat model")
+    return HFTemplateFormat(tokenizer)
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_log_callback: Any = None
+_open_backends: weakref.WeakSet[LlamaCppBackend] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free llama.cpp before the interpreter and the C++ runtime are torn down: an engine's worker
+    thread (a daemon) may still be decoding, and native teardown under it aborts the process."""
+    for backend in list(_open_backends):
+        backend.close()
+
+
+def _quiet_native_logs() -> None:
+    """Route llama.cpp's native log lines to Python logging (debug) instead of stderr."""
+    global _log_callback
+    import llama_cpp
+
+    if _log_callback is None:
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+                log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+        _log_callback = callback  # keep it alive: llama.cpp holds the pointer
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
