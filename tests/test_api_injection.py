@@ -127,7 +127,14 @@ class Recording:
         self.prompts: list[list[int]] = []
 
     def __getattr__(self, name: str) -> Any:
+        if not self.generate and name == "open_rows":  # no batching: the engine calls stream()
+            raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def begin(self, messages, options, **kw):  # the batching engine's entry
+        decoding = self.inner.begin(messages, options, **kw)
+        self.prompts.append(list(decoding.prompt_ids))
+        return decoding
 
     def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
         self.prompts.append(self.inner.prompt_ids(messages, tools, interpreter))

@@ -227,9 +227,9 @@ def test_deeply_nested_json_is_refused_or_answered_never_a_500(api, depth, where
 def test_streamed_text_equals_the_final_text(pieces):
     """What the backend streams adds up to the reply it returns (found by the soak: a character
     cut by max_tokens was dropped from the stream but kept in the final text)."""
-    from chatglm_core.backends.transformers_backend import _TextAssembler
+    from chatglm_core.backends.decoding import TextAssembler
 
-    assembler, text, streamed = _TextAssembler([], hold=[]), "", ""
+    assembler, text, streamed = TextAssembler([], hold=[]), "", ""
     for piece in pieces:
         text += piece
         streamed += assembler.feed(text)[0]
