@@ -63,8 +63,15 @@ def steer(body: Any, chat_model: str, max_tokens: int) -> Any:
         body["n"] = 2
     if isinstance(body.get("input"), list) and len(body["input"]) > 4:
         body["input"] = body["input"][:4]
-    if isinstance(body.get("messages"), list) and len(body["messages"]) > 6:
-        body["messages"] = body["messages"][:6]
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and hash(repr(messages)) % 3:
+        # random histories almost never have a valid role order: most get one user turn, so the
+        # rest of the body (sampling, tools, formats, stop, n...) reaches the model
+        first = messages[0] if isinstance(messages[0], dict) else {}
+        content = first.get("content") if isinstance(first.get("content"), str) else "hi"
+        body["messages"] = [{"role": "user", "content": content[:200]}]
+    elif isinstance(messages, list) and len(messages) > 6:
+        body["messages"] = messages[:6]
     return body
 
 
