@@ -59,6 +59,8 @@ def steer(body: Any, chat_model: str, max_tokens: int) -> Any:
     for key in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(key), int) and body[key] > max_tokens:
             body[key] = max_tokens
+    if "messages" in body and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = max_tokens  # not the server's default of hundreds of tokens
     if isinstance(body.get("n"), int) and body["n"] > 2:
         body["n"] = 2
     if isinstance(body.get("input"), list) and len(body["input"]) > 4:
