@@ -42,7 +42,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Unknown model"},
     500: {"model": ErrorResponse, "description": "Generation failed"},
 }
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# OpenAPI 3.1: an event stream's `schema` describes one event (its fields), not the whole body
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "a JSON chat.completion.chunk, then [DONE]"}}}}}
 
 
 class _ServedState:
