@@ -64,7 +64,7 @@ test: setup-dev
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 soak: setup-dev
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rP -m slow $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_perf.py

@@ -483,3 +483,23 @@ def test_many_sandboxes_open_and_close_without_leaks(root, count):
     assert wait_until(lambda: not any(procs_with(d) for d in runtime_dirs))
     assert not any(Path(d).exists() for d in runtime_dirs)
     assert fds() <= fd_before + 2 and threading.active_count() <= threads_before + 1
+
+
+@pytest.mark.slow
+def test_fifty_pool_sessions_opened_and_closed_leave_no_kernel(tmp_path):
+    """The app's path: one pool, 50 browser sessions each get a kernel, use it, and go away."""
+    pool = SandboxPool(Settings(data_dir=tmp_path), reap_every=3600)
+    runtime_dirs = []
+    try:
+        for i in range(50):
+            box = pool.get(f"session-{i}")
+            assert box.run(f"print({i} * 2)").text == f"{i * 2}\n"
+            runtime_dirs.append(str(box.runtime_dir))
+            if i % 5:
+                pool.close(f"session-{i}")  # most closed one by one, ten left for close_all
+        assert len(pool) == 10
+    finally:
+        pool.close_all()
+    assert len(pool) == 0
+    assert wait_until(lambda: not any(procs_with(d) for d in runtime_dirs), timeout=30)
+    assert not any(Path(d).exists() for d in runtime_dirs)

@@ -51,6 +51,8 @@ def check_parameters_schema(schema: Any, where: str) -> None:
     except jsonschema.SchemaError as e:
         path = "/".join(map(str, e.absolute_path)) or "(top level)"
         raise ConfigError(f"{where}: parameters is not a valid JSON Schema at {path}: {e.message}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: parameters is nested too deeply to check: flatten the schema") from None
 
 
 def _google_style_view(func: Callable[..., Any], name: str) -> Callable[..., Any]:

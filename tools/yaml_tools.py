@@ -118,6 +118,8 @@ def _entries(text: str, source: str) -> list[Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:  # PyYAML parses nesting recursively
+        raise ConfigError(f"{source}: nested too deeply to load: flatten the file") from None
     if data is None:
         return []
     if not isinstance(data, dict) or set(data) != {"tools"} or not isinstance(data["tools"], list):

@@ -23,7 +23,7 @@ from chatglm_core.api.schemas import SEED_MAX, ChatCompletionRequest, ChatMessag
 from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.engine import Engine, validate_messages
 from chatglm_core.errors import RequestError
-from chatglm_core.messages import Done, Message, TextDelta, ToolCall, Usage
+from chatglm_core.messages import Done, Message, Role, TextDelta, ToolCall, Usage
 from chatglm_core.settings import Settings
 
 GREEDY_BELOW = 1e-4  # smaller temperatures overflow the logits; they mean "greedy" anyway
@@ -187,11 +187,24 @@ async def complete(engine: Engine, plan: ChatPlan, model: str, request: Request)
         finally:
             run.close()
         assert done is not None, "generation ended without a Done event"
-        choices.append(_choice(i, done, plan.legacy))
+        choices.append(_choice(i, only_declared_calls(done, plan.tools), plan.legacy))
         usage.prompt_tokens = done.usage.prompt_tokens
         usage.completion_tokens += done.usage.completion_tokens
     return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_json(usage)}
+
+
+def only_declared_calls(done: Done, tools: list[dict[str, Any]] | None) -> Done:
+    """A call to a tool the request didn't declare is text the model wrote, not a call: a model
+    repeating a user's `<tool_call>{"name": ...}` must not hand the client a forged call."""
+    declared = {t["function"]["name"] for t in tools or []}
+    undeclared = [c.name for c in done.message.tool_calls if c.name not in declared]
+    if not undeclared:
+        return done
+    text = done.raw_text.strip() or done.message.content
+    return dataclasses.replace(done, message=Message(Role.ASSISTANT, text),
+                               finish_reason="length" if done.finish_reason == "length" else "stop",
+                               parse_error=f"call to {undeclared[0]!r}, which is not one of the request's tools")
 
 
 def _choice(index: int, done: Done, legacy: bool) -> dict[str, Any]:
@@ -268,7 +281,7 @@ async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineR
                 elif isinstance(ev, Done):
                     usage.prompt_tokens = ev.usage.prompt_tokens
                     usage.completion_tokens += ev.usage.completion_tokens
-                    for line in _done_chunks(ev, plan.legacy, streamed):
+                    for line in _done_chunks(only_declared_calls(ev, plan.tools), plan.legacy, streamed):
                         yield chunk(i, *line)
                 ev = await run.next()
         if plan.include_usage:

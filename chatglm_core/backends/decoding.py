@@ -267,9 +267,7 @@ class TextAssembler:
                     out = self._emit(i)
                     self.silenced = True
                     return out, False
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe -= 1
+        safe = len(text.rstrip("\ufffd"))
         for s in self.stop + self.hold:
             for k in range(min(len(s) - 1, safe), 0, -1):
                 if text[:safe].endswith(s[:k]):
@@ -285,7 +283,10 @@ class TextAssembler:
         return out
 
     def flush(self) -> str:
+        # a character cut by max_tokens is garbage: dropped from the final text too, so the
+        # streamed reply and the whole one stay equal
+        self.text = self.text.rstrip("\ufffd")
         if self.silenced:
             return ""
-        return self._emit(len(self.text.rstrip("\ufffd")))
+        return self._emit(len(self.text))
 
