@@ -124,14 +124,14 @@ def held_back_backend():
     back `<tool_call>`, and a malformed call ends as text with `parse_error` set."""
     from conftest import ScriptedBackend
 
-    from chatglm_core.backends.transformers_backend import _TextAssembler
+    from chatglm_core.backends.decoding import TextAssembler
     from chatglm_core.errors import ParseError
     from chatglm_core.formats.parsing import TOOL_CALL_OPEN, parse_json_turn
     from chatglm_core.messages import Done, Message, TextDelta, Usage
 
     class HeldBack(ScriptedBackend):
         def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
-            assembler = _TextAssembler(options.stop, hold=[TOOL_CALL_OPEN] if tools else [])
+            assembler = TextAssembler(options.stop, hold=[TOOL_CALL_OPEN] if tools else [])
             for ev in super().stream(messages, options, tools=None, interpreter=interpreter, cancel=cancel):
                 if isinstance(ev, TextDelta):
                     delta, _ = assembler.feed(assembler.text + ev.text)

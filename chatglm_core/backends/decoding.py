@@ -283,9 +283,8 @@ class TextAssembler:
         return out
 
     def flush(self) -> str:
-        # a character cut by max_tokens is garbage: dropped from the final text too, so the
-        # streamed reply and the whole one stay equal
-        self.text = self.text.rstrip("\ufffd")
+        # the end of the reply: a held-back U+FFFD is what the tokenizer decodes there (ChatGLM3's own
+        # decode keeps it too), so it is emitted and the streamed reply equals the whole one
         if self.silenced:
             return ""
         return self._emit(len(self.text))
