@@ -102,17 +102,25 @@ def repl(session: ChatSession, inp: TextIO, out: TextIO) -> None:
             out.write(f"\n[error] {e}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def load_engine(args: argparse.Namespace) -> tuple[Settings, Engine] | None:
+    """Settings and engine for a front end's flags; None (after printing the error) if they fail."""
     try:
         settings = settings_from(args)
         from chatglm_core.backends import load_backend
 
         print("Loading the model…", file=sys.stderr, flush=True)
-        engine = Engine(load_backend(settings))
+        return settings, Engine(load_backend(settings))
     except ChatGLMError as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loaded = load_engine(args)
+    if loaded is None:
         return 2
+    settings, engine = loaded
     session = ChatSession(engine, settings, args.seed)
 
     def on_sigint(signum: int, frame: object) -> None:

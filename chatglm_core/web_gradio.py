@@ -17,7 +17,7 @@ from typing import Any
 
 from chatglm_core.backends.base import GenerationOptions
 from chatglm_core.chat import options_from
-from chatglm_core.cli import add_model_arguments, settings_from
+from chatglm_core.cli import add_model_arguments, load_engine
 from chatglm_core.engine import Engine
 from chatglm_core.errors import ChatGLMError
 from chatglm_core.messages import Done, Message, Role, TextDelta
@@ -166,15 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
-    try:
-        settings = settings_from(args)
-        from chatglm_core.backends import load_backend
-
-        print("Loading the model…", file=sys.stderr, flush=True)
-        engine = Engine(load_backend(settings))
-    except ChatGLMError as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_engine(args)
+    if loaded is None:
         return 2
+    settings, engine = loaded
     app = build_app(WebChat(engine, settings, args.seed))
     try:
         app.queue().launch(server_name=args.host, server_port=args.port, show_error=True)
