@@ -21,12 +21,18 @@ numbers, ratios taken side by side move less. Speed is reported here, never asse
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,19 +152,185 @@ def single_stream_transformers(settings, args):
 
 
 # --- 2. streaming overhead ------------------------------------------------------------------------
+def whole_rate(run: tuple[float, float, int]) -> float:
+    """Tokens over the whole run (first token included), so a hand-off before it counts too."""
+    first_s, decode, k = run
+    return k / (first_s + (k - 1) / decode)
+
+
+def side_by_side(name: str, raw, through, anchor: str, runs: int) -> None:
+    """Alternate `raw()` and `through()` runs; print the median whole-run rates and paired ratio."""
+    raw_runs, path_runs = [], []
+    for _ in range(runs):
+        raw_runs.append(raw())
+        path_runs.append(through())
+    rate = [whole_rate(r) for r in raw_runs]
+    prate = [whole_rate(r) for r in path_runs]
+    ratios = [p / r for p, r in zip(prate, rate, strict=True)]
+    line(name, f"{statistics.median(prate):7.1f} tok/s", f"{anchor} {statistics.median(rate):7.1f} tok/s",
+         statistics.median(ratios), "goal >= 0.97")
+
+
 def overhead(backend, args) -> None:
     engine = Engine(backend)
     timed_stream(engine.stream, STORY, greedy(8))
-    raw_runs, eng_runs = [], []
-    for _ in range(args.runs):
-        raw_runs.append(timed_stream(backend.stream, STORY, greedy(args.tokens)))
-        eng_runs.append(timed_stream(engine.stream, STORY, greedy(args.tokens)))
-    # whole-run rate (prompt included) so the engine's queue hand-off before the first token counts too
-    rate = [r[2] / (r[0] + (r[2] - 1) / r[1]) for r in raw_runs]
-    erate = [r[2] / (r[0] + (r[2] - 1) / r[1]) for r in eng_runs]
-    ratios = [e / r for e, r in zip(erate, rate, strict=True)]
-    line(f"{type(backend).__name__} via Engine.stream", f"{statistics.median(erate):7.1f} tok/s",
-         f"backend.stream {statistics.median(rate):7.1f} tok/s", statistics.median(ratios), "goal >= 0.97")
+    side_by_side(f"{type(backend).__name__} via Engine.stream",
+                 lambda: timed_stream(backend.stream, STORY, greedy(args.tokens)),
+                 lambda: timed_stream(engine.stream, STORY, greedy(args.tokens)), "backend.stream", args.runs)
+
+
+class LoopbackServer:
+    """uvicorn serving `app` on 127.0.0.1 (a free port) from a thread of this process, so the API is
+    measured over the very backend object the other rows use. Config as `python -m chatglm_core.api`
+    (uvicorn's defaults: the asyncio loop, its best installed HTTP parser)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the benchmark's uvicorn server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@off_main
+def timed_sse(http, body: dict) -> tuple[float, float, int]:
+    """timed_stream for one streamed /v1/chat/completions, as its client sees it: the clock stops
+    at `data: [DONE]`; tokens are the final chunk's usage.completion_tokens."""
+    t0 = time.perf_counter()
+    first = None
+    k = 0
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for raw in resp.iter_lines():
+            if not raw.startswith("data: "):
+                continue
+            if raw == "data: [DONE]":
+                break
+            chunk = json.loads(raw[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"the API streamed an error: {chunk['error']}")
+            if chunk.get("usage"):
+                k = chunk["usage"]["completion_tokens"]
+            if first is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                first = time.perf_counter()
+    end = time.perf_counter()
+    first = first or end
+    return first - t0, (k - 1) / max(end - first, 1e-9), k
+
+
+def api_overhead(backend, settings, args) -> None:
+    """Tokens/s through the HTTP API (an SSE stream on loopback, parsed by an httpx client) vs the
+    raw backend. The raw side gets the exact messages and options the server derives from the
+    request, so both sides do the same model work; includes the event loop, JSON chunks, the
+    socket and the client's parsing."""
+    import httpx
+
+    from chatglm_core.api.app import create_app
+    from chatglm_core.api.chat import plan_chat
+    from chatglm_core.api.schemas import ChatCompletionRequest
+
+    engine = Engine(backend)
+    body = {"model": engine.model_name, "messages": [m.to_openai() for m in STORY], "temperature": 0,
+            "max_tokens": args.tokens, "stream": True, "stream_options": {"include_usage": True}}
+    plan = plan_chat(ChatCompletionRequest(**body), settings, backend.context_window)
+    served = settings.model_copy(update={"api_key": None})  # no key from the environment
+    with LoopbackServer(create_app(served, engine)) as srv, httpx.Client(base_url=srv.url, timeout=600) as http:
+        timed_sse(http, {**body, "max_tokens": 8})
+        side_by_side(f"{type(backend).__name__} via the API (SSE)",
+                     lambda: timed_stream(backend.stream, plan.messages, plan.options[0]),
+                     lambda: timed_sse(http, body), "backend.stream", args.runs)
+
+
+@off_main
+def timed_app_turn(marks: dict) -> tuple[float, float, int]:
+    """One chat turn in a fresh AppTest session of main.py; the times come from `app_marks`."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "main.py"), default_timeout=600).run()  # page drawn, not timed
+    marks.clear()
+    at.chat_input(key="input_chat").set_value(STORY[-1].content).run()
+    if at.exception:
+        raise RuntimeError(f"the chat page failed: {at.exception}")
+    k = marks["tokens"]
+    return marks["first"] - marks["t0"], (k - 1) / max(marks["end"] - marks["first"], 1e-9), k
+
+
+@contextmanager
+def app_marks(engine: Engine, settings, tokens: int) -> Iterator[dict]:
+    """Point the app (webui.state) at `engine` and `settings`, and record into the yielded dict when
+    the chat page calls engine.stream (t0), when it has written its first text into the page
+    (first) and when it has written the final reply (end)."""
+    from webui import state, turn
+
+    marks: dict = {}
+    real_stream, real_text, real_done = engine.stream, turn._LiveTurn._text, turn._LiveTurn._done
+
+    def stream(messages, options=None, **kw):
+        marks.update(t0=time.perf_counter(), messages=messages, options=options)
+        return real_stream(messages, options, **kw)
+
+    def text(live, piece: str) -> None:
+        real_text(live, piece)
+        marks.setdefault("first", time.perf_counter())
+
+    def done(live, ev: Done) -> None:
+        real_done(live, ev)
+        marks.update(end=time.perf_counter(), tokens=ev.usage.completion_tokens)
+
+    app_settings = settings.model_copy(update={"temperature": 0.0, "max_new_tokens": tokens, "system_prompt": "",
+                                               "repetition_penalty": 1.0})
+    saved = state.settings, state.build_engine
+    # AppTest's driving thread has no script context; streamlit logs that on every run
+    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
+    engine.stream = stream
+    turn._LiveTurn._text, turn._LiveTurn._done = text, done
+    state.settings, state.build_engine = (lambda: app_settings), (lambda s: engine)
+    state._engine_or_error.clear()
+    state.store.clear()
+    try:
+        yield marks
+    finally:
+        state.settings, state.build_engine = saved
+        turn._LiveTurn._text, turn._LiveTurn._done = real_text, real_done
+        state._engine_or_error.clear()
+        state.store.clear()
+
+
+def app_overhead(backend, settings, args) -> None:
+    """Tokens/s through the Streamlit chat page vs the raw backend, on the same messages and options.
+
+    Included: main.py's chat page run headless by streamlit's AppTest on the loaded model:
+    engine.stream called from the page's pump thread, the hand-over queue, the script thread's
+    per-delta work (to_markdown of the growing reply, st.markdown into the bubble: a protobuf
+    delta into the session's forward-message queue, Streamlit's rerun check) and the final render.
+    Timed from the page's engine.stream call to the final reply written into the page.
+    Not included: the page draw before the turn and the rerun after it (per message, not per
+    token), and the websocket and browser (AppTest has no server: deltas stop at the queue the
+    server would send from).
+    """
+    with tempfile.TemporaryDirectory() as data, \
+            app_marks(Engine(backend), settings.model_copy(update={"data_dir": Path(data)}), args.tokens) as marks:
+        timed_app_turn(marks)  # warm-up; also shows which messages and options the page sends
+        messages, options = marks["messages"], marks["options"]
+        side_by_side(f"{type(backend).__name__} via the app (AppTest)",
+                     lambda: timed_stream(backend.stream, messages, options),
+                     lambda: timed_app_turn(marks), "backend.stream", args.runs)
 
 
 # --- 3. under load --------------------------------------------------------------------------------
@@ -264,6 +436,8 @@ def part(name: str, settings, args) -> None:
     else:
         backend = single_stream_transformers(settings, args)
     overhead(backend, args)
+    api_overhead(backend, settings, args)
+    app_overhead(backend, settings, args)
     under_load(backend, args)
 
 
