@@ -5,8 +5,9 @@
 1. single-stream decode of the embedded GGUF: our llama.cpp backend vs llama-cpp-python's own
    ``Llama(...)(prompt, max_tokens=N)`` on the same file and prompt (goal >= 0.8x); the
    transformers backend beside them.
-2. streaming overhead: tokens/s through ``Engine.stream`` vs the raw backend's ``stream``
-   (goal >= 0.97x), per backend.
+2. streaming overhead: tokens/s through ``Engine.stream``, through the HTTP API (uvicorn on
+   loopback, SSE read by an httpx client) and through the Streamlit chat page (AppTest, headless)
+   vs the raw backend's ``stream`` on the same loaded model (goal >= 0.97x), per backend.
 3. under load: 8 simultaneous callers through one engine, aggregate tokens/s vs one caller's
    (goal >= 5x), time to first token p50/p95, per backend.
 4. start-up: a fresh process that loads the default backend and streams one token (warm cache;
@@ -271,11 +272,31 @@ def timed_app_turn(marks: dict) -> tuple[float, float, int]:
     return marks["first"] - marks["t0"], (k - 1) / max(marks["end"] - marks["first"], 1e-9), k
 
 
+def _wait_for_script(runner, timeout: float = 3) -> None:
+    """AppTest's own wait for the end of a script run, polling every 50 ms instead of every 1 ms: its
+    thousand GIL wake-ups a second, which no Streamlit server makes, slowed the model's thread down
+    (only the end of the run is late by this, after the timed window)."""
+    deadline = time.monotonic() + timeout
+    while not runner.script_stopped():
+        if time.monotonic() > deadline:
+            runner.request_stop()
+            raise RuntimeError(f"AppTest script run timed out after {timeout}(s)")
+        time.sleep(0.05)
+
+
+def _no_context_warning(record: logging.LogRecord) -> bool:
+    # AppTest sets session state from its driving thread, which has no script context, and streamlit
+    # warns about it on every run (a filter: streamlit resets its loggers' levels when it loads its config)
+    return "missing ScriptRunContext" not in record.getMessage()
+
+
 @contextmanager
 def app_marks(engine: Engine, settings, tokens: int) -> Iterator[dict]:
     """Point the app (webui.state) at `engine` and `settings`, and record into the yielded dict when
     the chat page calls engine.stream (t0), when it has written its first text into the page
     (first) and when it has written the final reply (end)."""
+    from streamlit.testing.v1 import local_script_runner
+
     from webui import state, turn
 
     marks: dict = {}
@@ -295,9 +316,10 @@ def app_marks(engine: Engine, settings, tokens: int) -> Iterator[dict]:
 
     app_settings = settings.model_copy(update={"temperature": 0.0, "max_new_tokens": tokens, "system_prompt": "",
                                                "repetition_penalty": 1.0})
-    saved = state.settings, state.build_engine
-    # AppTest's driving thread has no script context; streamlit logs that on every run
-    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").setLevel(logging.ERROR)
+    saved = state.settings, state.build_engine, local_script_runner.require_widgets_deltas
+    local_script_runner.require_widgets_deltas = _wait_for_script
+    ctx_log = logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context")
+    ctx_log.addFilter(_no_context_warning)
     engine.stream = stream
     turn._LiveTurn._text, turn._LiveTurn._done = text, done
     state.settings, state.build_engine = (lambda: app_settings), (lambda s: engine)
@@ -306,7 +328,8 @@ def app_marks(engine: Engine, settings, tokens: int) -> Iterator[dict]:
     try:
         yield marks
     finally:
-        state.settings, state.build_engine = saved
+        state.settings, state.build_engine, local_script_runner.require_widgets_deltas = saved
+        ctx_log.removeFilter(_no_context_warning)
         turn._LiveTurn._text, turn._LiveTurn._done = real_text, real_done
         state._engine_or_error.clear()
         state.store.clear()
@@ -460,7 +483,8 @@ def main() -> None:
           "(other work on the machine moves absolute figures; compare ratios)")
     t0 = time.perf_counter()
     print(f"1-3. per backend (its own process): single-stream decode, greedy, {args.tokens} tokens, median of "
-          f"{args.runs} alternating runs; streaming overhead (whole run incl. first token); 8 simultaneous callers")
+          f"{args.runs} alternating runs; streaming overhead via engine, API and app (whole run incl. first "
+          "token); 8 simultaneous callers")
     for name in ("llamacpp", "transformers"):
         print(f" [{name}]", flush=True)
         subprocess.run([sys.executable, __file__, "--part", name, "--data-dir", str(data_dir), "--runs",
