@@ -89,6 +89,20 @@ def test_gguf_cache_is_keyed_by_hash_and_reused(small_settings, monkeypatch):
     assert loader.resolve_model_dir(small_settings)[0] == folder
 
 
+def test_cpu_threads_default_to_half_the_cpus(small_settings, small_backend, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(loader, "cpu_count", lambda: 16)
+    assert loader.cpu_threads(small_settings) == 8
+    assert loader.cpu_threads(small_settings.model_copy(update={"threads": 3})) == 3
+    monkeypatch.setattr(loader, "cpu_count", lambda: 1)
+    assert loader.cpu_threads(small_settings) == 1
+    monkeypatch.undo()
+    assert torch.get_num_threads() == loader.cpu_threads(small_settings)  # what loading the model set
+    with pytest.raises(ConfigError, match="threads"):
+        load_settings(threads=0)
+
+
 def test_file_hash_is_remembered_across_processes(tmp_path, monkeypatch):
     f = tmp_path / "weights.gguf"
     f.write_bytes(b"x" * 1000)

@@ -42,6 +42,7 @@ from typing import Any
 
 from chatglm_core.backends.decoding import LocalBackend
 from chatglm_core.errors import ConfigError, GenerationError, RequestError
+from chatglm_core.models.loader import cpu_count
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,8 @@ class LlamaCppBackend(LocalBackend):
     device = "cpu"
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
-                 n_threads: int | None = None, sequences: int = DEFAULT_SEQUENCES, flash_attn: bool = False) -> None:
+                 n_threads: int | None = None, n_threads_batch: int | None = None, sequences: int = DEFAULT_SEQUENCES,
+                 flash_attn: bool = False) -> None:
         import llama_cpp
 
         _quiet_native_logs()
@@ -95,14 +97,14 @@ class LlamaCppBackend(LocalBackend):
         # llama-cpp-python's defaults: half the CPUs for one-token steps (hyper-threads don't help
         # and a spare core keeps spin-waiting threads from stalling on a busy machine), all of them
         # for prompts and batched steps
-        threads = n_threads or max(1, _cpu_count() // 2)
+        threads = n_threads or max(1, cpu_count() // 2)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
         cparams.n_seq_max = sequences
         # Each row gets its own KV cells: attention then sees exactly a single stream's keys, so a
         # batched row's greedy output equals its single-stream one (a unified cache does not).
         cparams.kv_unified = False
-        cparams.n_threads, cparams.n_threads_batch = threads, max(threads, _cpu_count())
+        cparams.n_threads, cparams.n_threads_batch = threads, n_threads_batch or max(threads, cpu_count())
         # llama-cpp-python's own default (off): greedy output then equals `Llama(...)`'s token for token
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -136,7 +138,10 @@ class LlamaCppBackend(LocalBackend):
         tokenizer = gguf_tokenizer(gguf, settings)
         fmt = _format(gguf, tokenizer)
         name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
-        backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name)
+        from chatglm_core.models.loader import cpu_threads
+
+        backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=cpu_threads(settings),
+                      n_threads_batch=settings.threads)
         backend.source_gguf = gguf
         return backend
 
@@ -301,7 +306,7 @@ def _convert(gguf: Path, target: Path, mode: str) -> None:
     params = ll.llama_model_quantize_default_params()
     params.ftype = ll.LLAMA_FTYPE_MOSTLY_BF16 if mode == "bfloat16" else ll.LLAMA_FTYPE_MOSTLY_F16
     params.allow_requantize = True
-    params.nthread = _cpu_count()
+    params.nthread = cpu_count()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
@@ -343,13 +348,6 @@ def _format(gguf: Path, tokenizer: Any) -> Any:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"{gguf} is not a chat model: its tokenizer has no chat template. Use an instruct/chat model")
     return HFTemplateFormat(tokenizer)
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 _log_callback: Any = None
