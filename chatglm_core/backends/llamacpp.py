@@ -140,8 +140,9 @@ class LlamaCppBackend(LocalBackend):
         name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
         from chatglm_core.models.loader import cpu_threads
 
-        backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=cpu_threads(settings),
-                      n_threads_batch=settings.threads)
+        threads = cpu_threads(settings)  # for prompts and batches too: see cpu_threads
+        backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
+                      n_threads_batch=threads)
         backend.source_gguf = gguf
         return backend
 

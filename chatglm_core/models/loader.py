@@ -106,8 +106,8 @@ def cpu_threads(settings: Settings) -> int:
     default). Threads of one step wait for each other at every operation; when another process
     holds one of their cores (the code interpreter's kernel, a browser, a second request's
     tokenizer), each such wait lasts a scheduler time slice: measured here on 2 cores with one
-    other busy process, a SmolLM2 step took 39 ms with 1 thread and 118-255 ms with 2 (quiet: about
-    the same either way)."""
+    other busy process, a SmolLM2 step took 39 ms with 1 thread and 102-255 ms with 2 (quiet: the
+    same), and llama.cpp's 8 callers got 132 tok/s with 1 thread, 54 with 2 (quiet: 142 and 190)."""
     return settings.threads or max(1, cpu_count() // 2)
 
 
