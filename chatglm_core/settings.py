@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     quantize: Literal["none", "4bit", "8bit"] = "none"
     device_map: str | None = None  # "auto" spreads a model over several GPUs (accelerate)
     backend: Literal["auto", "transformers", "llamacpp", "remote"] = "auto"
+    # what llama.cpp computes a GGUF with: its own quantized weights ("native"), or the weights
+    # converted once to bfloat16/float16 (cached); "auto" converts small models (see backends.llamacpp)
+    gguf_weights: Literal["auto", "native", "bfloat16", "float16"] = "auto"
+    # CPU threads for one model step; default half the CPUs (see models.loader.cpu_threads)
+    threads: int | None = Field(None, ge=1)
     cache_dir: Path | None = None  # converted GGUF weights; default <data_dir>/cache
 
     # --- a remote OpenAI-compatible engine -----------------------------------------------------

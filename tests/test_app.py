@@ -31,12 +31,12 @@ def app_env(tmp_path_factory, test_data_dir):
     data = tmp_path_factory.mktemp("app-data")
     with pytest.MonkeyPatch.context() as mp:
         for name in ("MODEL_PATH", "CHATGLM_MODEL_PATH", "CHATGLM_REMOTE_BASE_URL", "CHATGLM_TOOLS",
-                     "CHATGLM_SYSTEM_PROMPT"):
+                     "CHATGLM_SYSTEM_PROMPT", "CHATGLM_BACKEND", "CHATGLM_GGUF_WEIGHTS"):
             mp.delenv(name, raising=False)
         mp.setenv("CHATGLM_DATA_DIR", str(data))
         mp.setenv("CHATGLM_CACHE_DIR", str(test_data_dir / "cache"))
         mp.setenv("CHATGLM_DEVICE", "cpu")
-        mp.setenv("CHATGLM_BACKEND", "transformers")
+        # the backend is the default one a user gets: llama.cpp when installed, else transformers
         mp.setenv("CHATGLM_TEMPERATURE", "0")
         mp.setenv("CHATGLM_MAX_NEW_TOKENS", "8")
         state.settings.clear()

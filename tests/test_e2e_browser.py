@@ -42,9 +42,10 @@ def free_port() -> int:
 def server(tmp_path_factory, test_data_dir):
     port = free_port()
     data = tmp_path_factory.mktemp("e2e-data")
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_PATH", "CHATGLM_MODEL_PATH", "CHATGLM_TOOLS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MODEL_PATH", "CHATGLM_MODEL_PATH", "CHATGLM_TOOLS", "CHATGLM_BACKEND", "CHATGLM_GGUF_WEIGHTS")}
     env.update(CHATGLM_DATA_DIR=str(data), CHATGLM_CACHE_DIR=str(test_data_dir / "cache"), CHATGLM_DEVICE="cpu",
-               CHATGLM_TEMPERATURE="0", CHATGLM_MAX_NEW_TOKENS="8", CHATGLM_BACKEND="transformers")
+               CHATGLM_TEMPERATURE="0", CHATGLM_MAX_NEW_TOKENS="8")  # the default backend
     log = (tmp_path_factory.mktemp("e2e-log") / "streamlit.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "main.py", "--server.port", str(port), "--server.headless", "true",

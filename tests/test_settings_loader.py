@@ -1,5 +1,7 @@
 """Settings from env/overrides, and the loader's clear errors for bad configuration."""
 
+import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -85,6 +87,42 @@ def test_gguf_cache_is_keyed_by_hash_and_reused(small_settings, monkeypatch):
     assert (folder / "model.safetensors").is_file()
     monkeypatch.setattr(loader, "convert_gguf", lambda *a: pytest.fail("dequantized a second time"))
     assert loader.resolve_model_dir(small_settings)[0] == folder
+
+
+def test_cpu_threads_default_to_half_the_cpus(small_settings, small_backend, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(loader, "cpu_count", lambda: 16)
+    assert loader.cpu_threads(small_settings) == 8
+    assert loader.cpu_threads(small_settings.model_copy(update={"threads": 3})) == 3
+    monkeypatch.setattr(loader, "cpu_count", lambda: 1)
+    assert loader.cpu_threads(small_settings) == 1
+    monkeypatch.undo()
+    assert torch.get_num_threads() == loader.cpu_threads(small_settings)  # what loading the model set
+    with pytest.raises(ConfigError, match="threads"):
+        load_settings(threads=0)
+
+
+def test_file_hash_is_remembered_across_processes(tmp_path, monkeypatch):
+    f = tmp_path / "weights.gguf"
+    f.write_bytes(b"x" * 1000)
+    memo = tmp_path / "cache"
+    digest = loader.file_sha256(f, memo)
+    assert digest == hashlib.sha256(b"x" * 1000).hexdigest() and (memo / "sha256.json").is_file()
+    monkeypatch.setattr(loader, "_hash_cache", {})  # a new process: only the memo file remains
+
+    def no_hashing(*a):
+        raise AssertionError("re-hashed a file whose hash is remembered")
+
+    monkeypatch.setattr(loader.hashlib, "sha256", no_hashing)
+    assert loader.file_sha256(f, memo) == digest
+    monkeypatch.undo()
+    f.write_bytes(b"y" * 1000)  # changed (size or mtime): hashed afresh
+    os.utime(f, ns=(1, 1))
+    assert loader.file_sha256(f, memo) == hashlib.sha256(b"y" * 1000).hexdigest()
+    (memo / "sha256.json").write_text("{not json")  # a damaged memo only costs a re-hash
+    monkeypatch.setattr(loader, "_hash_cache", {})
+    assert loader.file_sha256(f, memo) == hashlib.sha256(b"y" * 1000).hexdigest()
 
 
 def test_hf_folder_loads_directly(small_settings, small_backend):

@@ -11,19 +11,37 @@ __all__ = ["Backend", "Constraint", "GenerationOptions", "load_backend"]
 def load_backend(settings: Settings) -> Backend:
     """A remote OpenAI-compatible engine when CHATGLM_REMOTE_BASE_URL is set, else a local model.
 
-    Locally, "auto" means transformers. llama.cpp (CHATGLM_BACKEND=llamacpp, GGUF models only) is
-    several times faster on CPU but opt-in: it computes with the quantized weights (and quantized
-    activations), and on the embedded SmolLM2 its greedy answers are visibly worse than the
-    dequantized fp32 weights' (e.g. "What is the capital of France?" loses "Paris").
+    Locally, "auto" means llama.cpp for a GGUF model (the embedded default included) when
+    llama-cpp-python is installed and no GPU is used (several times faster on CPU; a small model's
+    weights are converted to float16 first, see `backends.llamacpp`), and transformers otherwise.
     """
     if settings.backend == "remote" or (settings.backend == "auto" and settings.remote_base_url):
         from chatglm_core.backends.remote import RemoteBackend
 
         return RemoteBackend.from_settings(settings)
-    if settings.backend == "llamacpp":
+    if settings.backend == "llamacpp" or (settings.backend == "auto" and _llamacpp_fits(settings)):
         from chatglm_core.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend.from_settings(settings)
     from chatglm_core.backends.transformers_backend import TransformersBackend
 
     return TransformersBackend.from_settings(settings)
+
+
+def _llamacpp_fits(settings: Settings) -> bool:
+    """Whether "auto" should run this model on llama.cpp: a GGUF file, llama-cpp-python installed,
+    and the model going to the CPU (transformers serves CUDA/MPS)."""
+    from chatglm_core.backends import llamacpp
+
+    if settings.quantize != "none" or settings.device_map or not llamacpp.available():
+        return False
+    try:
+        if llamacpp.gguf_path(settings) is None:
+            return False
+    except Exception:  # noqa: BLE001 - e.g. the embedded model is missing: transformers says why
+        return False
+    if settings.device == "auto":
+        from chatglm_core.models.loader import resolve_device
+
+        return resolve_device("auto") == "cpu"
+    return settings.device == "cpu"

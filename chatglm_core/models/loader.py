@@ -93,28 +93,62 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
     return torch.float32
 
 
-def file_sha256(path: Path) -> str:
-    """The file's sha256, remembered beside the cache keyed by (path, size, mtime)."""
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads(settings: Settings) -> int:
+    """Threads for one model step on the CPU: CHATGLM_THREADS, else half the CPUs (llama.cpp's own
+    default). Threads of one step wait for each other at every operation; when another process
+    holds one of their cores (the code interpreter's kernel, a browser, a second request's
+    tokenizer), each such wait lasts a scheduler time slice: measured here on 2 cores with one
+    other busy process, a SmolLM2 step took 39 ms with 1 thread and 102-255 ms with 2 (quiet: the
+    same), and llama.cpp's 8 callers got 132 tok/s with 1 thread, 54 with 2 (quiet: 142 and 190)."""
+    return settings.threads or max(1, cpu_count() // 2)
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """The file's sha256, remembered by (path, size, mtime): in this process, and in
+    ``memo_dir/sha256.json`` when given, so a warm start does not re-read a large file."""
     st = path.stat()
-    return _hash_memo(path, st.st_size, st.st_mtime_ns)
-
-
-_hash_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _hash_memo(path: Path, size: int, mtime: int) -> str:
-    key = (str(path.resolve()), size, mtime)
-    if key not in _hash_cache:
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    if key in _hash_cache:
+        return _hash_cache[key]
+    memo = memo_dir / "sha256.json" if memo_dir is not None else None
+    known: dict[str, str] = {}
+    if memo is not None:
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+    digest = known.get(key) if isinstance(known, dict) else None
+    if not isinstance(digest, str):
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-        _hash_cache[key] = h.hexdigest()
-    return _hash_cache[key]
+        digest = h.hexdigest()
+        if memo is not None:
+            try:  # a memo that can't be written only costs the next start the hashing
+                memo_dir.mkdir(parents=True, exist_ok=True)
+                tmp = memo.with_name(f"sha256.json.tmp{os.getpid()}")
+                tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: digest}))
+                tmp.replace(memo)
+            except OSError as e:
+                log.debug("could not write %s: %s", memo, e)
+    _hash_cache[key] = digest
+    return digest
+
+
+_hash_cache: dict[str, str] = {}
 
 
 def gguf_cache_dir(gguf: Path, settings: Settings) -> Path:
-    return settings.resolved_cache_dir / f"gguf-{file_sha256(gguf)[:32]}"
+    return settings.resolved_cache_dir / f"gguf-{file_sha256(gguf, settings.resolved_cache_dir)[:32]}"
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
@@ -193,6 +227,8 @@ def load_model(settings: Settings) -> LoadedModel:
             "or a smaller model"
         ) from None
     model.eval()
+    if device == "cpu":
+        torch.set_num_threads(cpu_threads(settings))
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "seq_length", None)
     where = str(getattr(model, "device", device))
     return LoadedModel(model, tok, fmt, name, where, ctx)
