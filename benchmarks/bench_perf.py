@@ -280,8 +280,9 @@ def timed_app_turn(marks: dict) -> tuple[float, float, int]:
     at.chat_input(key="input_chat").set_value(STORY[-1].content).run()
     if at.exception:
         raise RuntimeError(f"the chat page failed: {at.exception}")
-    k = marks["tokens"]
-    return marks["first"] - marks["t0"], (k - 1) / max(marks["end"] - marks["first"], 1e-9), k
+    k, end = marks["tokens"], marks["end"]
+    first = marks.get("first", end)  # no text at all: as timed_stream counts it
+    return first - marks["t0"], (k - 1) / max(end - first, 1e-9), k
 
 
 def _wait_for_script(runner, timeout: float = 3) -> None:
