@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
-    print(WELCOME.format(model=engine.model_name, device=engine.backend.device))
+    runtime = getattr(engine.backend, "runtime", None)
+    print(WELCOME.format(model=engine.model_name, device=engine.backend.device + (f", {runtime}" if runtime else "")))
     try:
         repl(session, sys.stdin, sys.stdout)
     except KeyboardInterrupt:

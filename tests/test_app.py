@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from chatglm_core.backends import llamacpp
 from chatglm_core.engine import Engine
 from chatglm_core.errors import ConfigError, GenerationError
 from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
@@ -95,6 +96,8 @@ def test_chat_streams_the_real_models_reply(app_env):
     at = new_app()
     assert not at.exception and not at.error
     assert "SmolLM2-135M-Instruct" in at.sidebar.caption[0].value and "cpu" in at.sidebar.caption[0].value
+    # the default a user gets: llama.cpp on the float16 copy when it is installed, else transformers
+    assert ("llama.cpp, float16" in at.sidebar.caption[0].value) == llamacpp.available()
     send(at, "What is the capital of France?")
     expected = greedy_reply("What is the capital of France?")
     assert expected.strip()

@@ -74,6 +74,7 @@ def test_converted_weights_answer_like_the_reference(llama_backend, small_backen
     # the default ("auto") runs the embedded Q4_1 model as float16: the transformers reference token
     # for token; bfloat16 comes close; the file's own Q4_1 (quantized activations) drifts
     assert llama_backend.gguf.name.endswith("-float16.gguf") and llama_backend.source_gguf != llama_backend.gguf
+    assert llama_backend.runtime == "llama.cpp, float16 copy of the GGUF"  # what the sidebar and CLI show
     refs = reference_continuations(small_backend)
     assert top1_agreement(llama_backend, refs) == 1.0
     text, done = text_of(llama_backend.stream(FRANCE, GenerationOptions(temperature=0, max_new_tokens=12)))

@@ -24,7 +24,9 @@ from webui.bubbles import escape_md
 def show(mode: str, engine: Engine | None) -> None:
     with st.sidebar:
         if engine is not None:
-            st.caption(f"Model **{engine.model_name}** on **{getattr(engine.backend, 'device', '?')}**")
+            runtime = getattr(engine.backend, "runtime", None)
+            st.caption(f"Model **{engine.model_name}** on **{getattr(engine.backend, 'device', '?')}**"
+                       + (f" ({runtime})" if runtime else ""))
         else:
             st.caption("Model not loaded")
         _generation_controls(mode)

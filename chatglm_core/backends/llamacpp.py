@@ -74,6 +74,7 @@ def gguf_path(settings: Any) -> Path | None:
 
 class LlamaCppBackend(LocalBackend):
     device = "cpu"
+    runtime = "llama.cpp"  # what computes: shown beside the device
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
                  n_threads: int | None = None, n_threads_batch: int | None = None, sequences: int = DEFAULT_SEQUENCES,
@@ -144,6 +145,8 @@ class LlamaCppBackend(LocalBackend):
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
                       n_threads_batch=threads)
         backend.source_gguf = gguf
+        if backend.gguf != gguf:
+            backend.runtime = f"llama.cpp, {backend.gguf.stem.rsplit('-', 1)[-1]} copy of the GGUF"
         return backend
 
     def open_rows(self, capacity: int) -> LlamaRows:
