@@ -147,11 +147,13 @@ def bwrap_args(work_dir: Path, kernel_dir: Path, ro_dirs: tuple[str, ...], tmp_m
             args += ["--ro-bind", d, d]
     for name in ETC_ALLOWLIST:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for d in ro_dirs:
-        args += ["--ro-bind", d, d]
-    # tmpfs pages are RAM that no process's memory accounts for: cap them (bwrap >= 0.7 has --size)
+    # tmpfs pages are RAM that no process's memory accounts for: cap them (bwrap >= 0.7 has --size).
+    # Mounted before the interpreter's directories, which may live under /tmp (a checkout there):
+    # a tmpfs mounted after them would hide them.
     size = ["--size", str(tmp_mb * 2**20)] if bwrap_version() >= (0, 7) else []
     args += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", *size, "--tmpfs", "/tmp"]
+    for d in ro_dirs:
+        args += ["--ro-bind", d, d]
     # If the sandboxes' parent directory is visible through a read-only bind (a data dir inside the
     # venv's tree, say), hide it so other sessions' directories stay invisible.
     parent = str(work_dir.parent)
