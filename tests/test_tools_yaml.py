@@ -223,3 +223,24 @@ def test_uploaded_text_is_loaded_under_its_own_name():
     assert registry.load_yaml_text("tools:\n  - {name: up, description: d, manual: true}\n", "upload.yaml") == ["up"]
     with pytest.raises(ConfigError, match="^upload2.yaml: "):
         registry.load_yaml_text("tools:\n  - {name: up, description: d, manual: true}\n", "upload2.yaml")
+
+
+def nested_aliases(levels: int) -> str:
+    """A tools file whose aliases nest `levels` deep: 9**levels strings once expanded."""
+    defs = ["          a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    defs += [f"          a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return ("tools:\n  - name: laughs\n    description: d\n    manual: true\n    parameters:\n      type: object\n"
+            "      properties:\n        x:\n          type: number\n" + "\n".join(defs) + "\n")
+
+
+def test_alias_bombs_and_cycles_are_refused_before_anything_expands():
+    registry = ToolRegistry()
+    # a few aliases are fine: the schema is what it expands to
+    assert registry.load_yaml_text(nested_aliases(3), "small.yaml") == ["laughs"]
+    assert len(json.dumps(registry.get_tools())) > 9 ** 3
+    # 9**12 strings (~30 TB of JSON in a prompt) would take the whole app down: refused at once
+    with pytest.raises(ConfigError, match=r"^bomb.yaml: the file expands to more than 100,000 values"):
+        ToolRegistry().load_yaml_text(nested_aliases(12), "bomb.yaml")
+    with pytest.raises(ConfigError, match="contains it"):
+        ToolRegistry().load_yaml_text("tools:\n  - &t {name: c, description: d, manual: true, loop: [*t]}\n",
+                                      "cycle.yaml")

@@ -122,9 +122,46 @@ def _entries(text: str, source: str) -> list[Any]:
         raise ConfigError(f"{source}: nested too deeply to load: flatten the file") from None
     if data is None:
         return []
+    try:
+        size = _expanded_size(data, {})
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to load: flatten the file") from None
+    if size is None:
+        raise ConfigError(f"{source}: a YAML alias refers to a value that contains it (a cycle): remove it")
+    if size > MAX_VALUES:
+        raise ConfigError(f"{source}: the file expands to more than {MAX_VALUES:,} values; YAML aliases (*name) "
+                          "repeat whole values: write the tools out plainly")
     if not isinstance(data, dict) or set(data) != {"tools"} or not isinstance(data["tools"], list):
         raise ConfigError(f"{source}: the file must have one top-level key, tools: a list of tool entries")
     return data["tools"]
+
+
+#: The most values (scalars, lists, mappings) a tools file may expand to once its aliases are
+#: resolved: a few lines of nested aliases ("billion laughs") otherwise expand to gigabytes when a
+#: tool's schema is written into the prompt.
+MAX_VALUES = 100_000
+
+
+def _expanded_size(node: Any, memo: dict[int, int | None]) -> int | None:
+    """How many values `node` holds with aliases expanded (each shared value counted once per
+    use), without expanding anything; None if an alias makes it contain itself."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if isinstance(node, dict | list):
+        memo[key] = None  # in progress: meeting it again below means a cycle
+        children = [c for kv in node.items() for c in kv] if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            n = _expanded_size(child, memo)
+            if n is None:
+                return None
+            total += n
+            if total > MAX_VALUES:
+                break
+        memo[key] = total
+        return total
+    return 1
 
 
 def _pydantic_problem(err: dict[str, Any]) -> str:
