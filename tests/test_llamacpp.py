@@ -89,7 +89,7 @@ def test_converted_weights_answer_like_the_reference(llama_backend, small_backen
 
 
 @needs_llamacpp
-def test_native_weights_and_the_conversion_cache(small_settings):
+def test_native_weights_and_the_conversion_cache(small_settings, monkeypatch, tmp_path):
     native = llamacpp.LlamaCppBackend.from_settings(small_settings.model_copy(update={"gguf_weights": "native"}))
     try:
         assert native.gguf == native.source_gguf and native.gguf.suffix == ".gguf"
@@ -99,6 +99,16 @@ def test_native_weights_and_the_conversion_cache(small_settings):
     stamp = converted.stat().st_mtime_ns
     assert llamacpp.compute_file(native.source_gguf, small_settings) == converted
     assert converted.stat().st_mtime_ns == stamp, "converted once, then reused"
+    # a cache that can't be written: "auto" runs the file's own weights (with a warning), an explicit
+    # mode says why it can't
+    def fail(*a):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(llamacpp, "_convert", fail)
+    fresh = small_settings.model_copy(update={"cache_dir": tmp_path / "ro-cache"})
+    assert llamacpp.compute_file(native.source_gguf, fresh) == native.source_gguf
+    with pytest.raises(ConfigError, match="read-only file system"):
+        llamacpp.compute_file(native.source_gguf, fresh.model_copy(update={"gguf_weights": "bfloat16"}))
     # an unquantized GGUF is computed with as it is
     assert llamacpp.compute_file(converted, small_settings.model_copy(update={"gguf_weights": "bfloat16"})) == converted
 

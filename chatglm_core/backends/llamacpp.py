@@ -259,19 +259,23 @@ def compute_file(gguf: Path, settings: Any) -> Path:
     mode = settings.gguf_weights
     if mode == "native":
         return gguf
-    target = {m: _converted_path(gguf, settings, m) for m in ("bfloat16", "float16")}
-    if mode == "auto":
-        if target["float16"].is_file():
-            return target["float16"]
-        n_params, file_type = _inspect(gguf)
-        if file_type in _UNQUANTIZED or n_params >= AUTO_CONVERT_MAX_PARAMS:
-            return gguf
-        mode = "float16"
-    elif _inspect(gguf)[1] in _UNQUANTIZED:  # already unquantized: converting changes nothing that matters
+    wanted = "float16" if mode == "auto" else mode
+    target = _converted_path(gguf, settings, wanted)
+    if target.is_file():
+        return target
+    n_params, file_type = _inspect(gguf)
+    if file_type in _UNQUANTIZED:  # already unquantized: converting changes nothing that matters
         return gguf
-    if not target[mode].is_file():
-        _convert(gguf, target[mode], mode)
-    return target[mode]
+    if mode == "auto" and n_params >= AUTO_CONVERT_MAX_PARAMS:
+        return gguf
+    try:
+        _convert(gguf, target, wanted)
+    except (ConfigError, OSError) as e:
+        if mode != "auto":
+            raise ConfigError(f"could not convert {gguf} to {wanted} for llama.cpp: {e}") from e
+        log.warning("running %s with its own quantized weights: %s", gguf.name, e)  # e.g. a read-only cache
+        return gguf
+    return target
 
 
 def _converted_path(gguf: Path, settings: Any, mode: str) -> Path:
