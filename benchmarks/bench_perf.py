@@ -483,8 +483,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer runs and start-ups (a smoke run)")
     ap.add_argument("--data-dir", default=os.environ.get("CHATGLM_DATA_DIR", "data"))
+    ap.add_argument("--threads", type=int, help="CHATGLM_THREADS for every part (default: half the CPUs)")
     ap.add_argument("--part", choices=["llamacpp", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        os.environ["CHATGLM_THREADS"] = str(args.threads)  # the parts and the start-up runs inherit it
     if args.quick:
         args.runs, args.tokens = 1, min(args.tokens, 32)
     data_dir = Path(args.data_dir).resolve()
@@ -492,8 +495,11 @@ def main() -> None:
     if args.part:
         part(args.part, settings, args)
         return
+    from chatglm_core.models.loader import cpu_threads
+
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start "
-          "(other work on the machine moves absolute figures; compare ratios)")
+          "(other work on the machine moves absolute figures; compare ratios); "
+          f"{cpu_threads(settings)} thread(s) per model step (--threads)")
     t0 = time.perf_counter()
     print(f"1-3. per backend (its own process): single-stream decode, greedy, {args.tokens} tokens, median of "
           f"{args.runs} alternating runs; streaming overhead via engine, API and app (whole run incl. first "
