@@ -42,7 +42,7 @@ from typing import Any
 
 from chatglm_core.backends.decoding import LocalBackend
 from chatglm_core.errors import ConfigError, GenerationError, RequestError
-from chatglm_core.models.loader import cpu_count
+from chatglm_core.models.loader import cpu_count, cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,8 @@ class LlamaCppBackend(LocalBackend):
         self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
         self.n_ctx = self.context_window * sequences
         self.n_batch = min(512, self.context_window)
-        # llama-cpp-python's defaults: half the CPUs for one-token steps (hyper-threads don't help
-        # and a spare core keeps spin-waiting threads from stalling on a busy machine), all of them
-        # for prompts and batched steps
+        # half the CPUs by default, for one-token steps as for prompts and batches: a spare core keeps
+        # threads that wait for each other from stalling on a busy machine (models.loader.cpu_threads)
         threads = n_threads or max(1, cpu_count() // 2)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
@@ -105,7 +104,7 @@ class LlamaCppBackend(LocalBackend):
         # Each row gets its own KV cells: attention then sees exactly a single stream's keys, so a
         # batched row's greedy output equals its single-stream one (a unified cache does not).
         cparams.kv_unified = False
-        cparams.n_threads, cparams.n_threads_batch = threads, n_threads_batch or max(threads, cpu_count())
+        cparams.n_threads, cparams.n_threads_batch = threads, n_threads_batch or threads
         # llama-cpp-python's own default (off): greedy output then equals `Llama(...)`'s token for token
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                    else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -139,9 +138,7 @@ class LlamaCppBackend(LocalBackend):
         tokenizer = gguf_tokenizer(gguf, settings)
         fmt = _format(gguf, tokenizer)
         name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
-        from chatglm_core.models.loader import cpu_threads
-
-        threads = cpu_threads(settings)  # for prompts and batches too: see cpu_threads
+        threads = cpu_threads(settings)
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
                       n_threads_batch=threads)
         backend.source_gguf = gguf
