@@ -235,3 +235,18 @@ def test_streamed_text_equals_the_final_text(pieces):
         streamed += assembler.feed(text)[0]
     streamed += assembler.flush()
     assert streamed == assembler.text == text
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"stop": 5}, "stop"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "x": 1}]}]}, "messages[0].content"),
+    ({"tools": [{"type": "function", "function": {"name": 5}}]}, "tools[0].function.name"),
+])
+def test_error_param_is_the_request_path_without_pydantic_union_names(api, extra, param):
+    r = api.post("/v1/chat/completions", json={"model": "answer-bot", "messages": [{"role": "user", "content": "hi"}],
+                                               **extra})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert "str:" not in error["message"] and "list[" not in error["message"] and "literal[" not in error["message"]

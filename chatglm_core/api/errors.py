@@ -43,8 +43,18 @@ def from_exception(e: Exception) -> JSONResponse:
     return error_response(f"internal error: {type(e).__name__}: {e}", 500)
 
 
+#: Names pydantic puts in an error's location for the member of a union it tried ("stop.str",
+#: "tool_choice.literal['none','auto','required']", "content.list[TextPart]", "NamedToolChoice"):
+#: not part of the request's path, so not part of OpenAI's `param`.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "bytes", "none"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part in _TYPE_TAGS or part[:1].isupper() or any(c in part for c in "[(',"))
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p != "body"]
+    parts = [p for p in loc if p != "body" and not _is_type_tag(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (("." if out else "") + str(p))
@@ -61,8 +71,9 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     if param is None:
         return error_response("The request body must be a JSON object, sent with Content-Type: application/json.",
                               400, code=str(first.get("type")))
-    detail = "; ".join(f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    lines = list(dict.fromkeys(f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors))
+    detail = "; ".join(lines[:5])
+    more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
     return error_response(f"Invalid request: {detail}{more}", 400, param, code=str(first.get("type")))
 
 
