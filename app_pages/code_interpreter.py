@@ -2,7 +2,9 @@
 
 import streamlit as st
 
+from chatglm_core.agent import run_agent
 from chatglm_core.messages import INTERPRETER, ToolCall, ToolResultEvent
+from tools.registry import ToolRegistry
 from webui import flow, interpreter_panel, sidebar, state
 from webui.turn import run_turn
 
@@ -10,13 +12,6 @@ MODE = "interpreter"
 
 st.title("Code Interpreter")
 engine = state.loaded_engine()
-try:
-    from chatglm_core.agent import run_agent
-    from chatglm_core.sandbox_pool import SandboxPool  # noqa: F401  (the kernel pool this page needs)
-    from tools.registry import ToolRegistry
-except ImportError as e:
-    st.info(f"The code interpreter is not available in this build ({e}).")
-    st.stop()
 
 interpreter_panel.show()
 conv, generate = flow.apply_action(MODE)

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from chatglm_core.agent import run_agent
 from chatglm_core.messages import Message, NeedObservation, Role
 from webui import flow, sidebar, state, tools_panel
 from webui.bubbles import OBSERVATION_AVATAR, escape_md, show_observation
@@ -11,12 +12,6 @@ MODE = "tools"
 
 st.title("Tool")
 engine = state.loaded_engine()
-try:
-    from chatglm_core.agent import run_agent
-    from tools import build_registry  # noqa: F401  (the registry this page edits)
-except ImportError as e:
-    st.info(f"Tool calling is not available in this build ({e}).")
-    st.stop()
 
 setup = tools_panel.show()
 conv, generate = flow.apply_action(MODE)
