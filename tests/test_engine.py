@@ -94,17 +94,8 @@ def test_four_concurrent_callers_get_their_own_greedy_output(small_engine):
     prompts = ["What is 2+2?", "Name a color.", "Say hello in French.", "What is the capital of Italy?"]
     opts = GenerationOptions(temperature=0, max_new_tokens=16)
     expected = [collect(small_engine, [Message(Role.USER, p)], opts)[0] for p in prompts]
-    results: dict[int, str] = {}
-
-    def run(i: int) -> None:
-        results[i] = collect(small_engine, [Message(Role.USER, prompts[i])], opts)[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert [results[i] for i in range(4)] == expected
+    got = concurrently(small_engine, [([Message(Role.USER, p)], opts, {}) for p in prompts])
+    assert [text for text, _ in got] == expected
 
 
 EIGHT = ["What is 2+2?", "Name a color.", "Say hello in French.", "What is the capital of Italy?",
@@ -112,10 +103,13 @@ EIGHT = ["What is 2+2?", "Name a color.", "Say hello in French.", "What is the c
 
 
 def concurrently(engine, jobs, stagger=0.0):
-    """Run (messages, options, kwargs) jobs on their own threads; returns each one's (text, done)."""
+    """Run (messages, options, kwargs) jobs on their own threads, released together (then job i
+    waits stagger * i seconds); returns each one's (text, done)."""
     results: dict[int, tuple[str, Done]] = {}
+    barrier = threading.Barrier(len(jobs))
 
     def run(i: int) -> None:
+        barrier.wait()
         time.sleep(stagger * i)
         messages, options, kw = jobs[i]
         results[i] = collect(engine, messages, options, **kw)

@@ -12,6 +12,7 @@ import threading
 import types
 
 import pytest
+from test_engine import EIGHT, concurrently
 
 from chatglm_core.backends import llamacpp
 from chatglm_core.backends.base import Constraint, GenerationOptions
@@ -59,11 +60,7 @@ def top1_agreement(backend, references) -> float:
     """Teacher-forced: the share of positions where llama.cpp's next token is the reference's."""
     agree = total = 0
     for full, plen, ref in references:
-        seq = backend.take_seq()
-        try:
-            logits = backend.run([(t, p, seq, p >= plen - 1) for p, t in enumerate(full[:-1])])
-        finally:
-            backend.release_seq(seq)
+        logits = backend.teacher_forced_logits(full[:-1], plen - 1)
         agree += sum(int(lg.argmax()) == r for lg, r in zip(logits, ref, strict=True))
         total += len(ref)
     return agree / total
@@ -139,24 +136,10 @@ def llamacpp_run(backend, dec):
 
 @needs_llamacpp
 def test_eight_batched_callers_match_their_single_streams(llama_backend):
-    prompts = ["What is 2+2?", "Name a color.", "Say hello in French.", "What is the capital of Italy?",
-               "Write a haiku about the sea.", "List three fruits.", "Who wrote Hamlet?", "Explain gravity."]
     opts = GenerationOptions(temperature=0, max_new_tokens=24)
-    expected = [text_of(llama_backend.stream([Message(Role.USER, p)], opts))[0] for p in prompts]
-    engine = Engine(llama_backend)
-    results: dict[int, str] = {}
-    barrier = threading.Barrier(8)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        results[i] = text_of(engine.stream([Message(Role.USER, prompts[i])], opts))[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert [results[i] for i in range(8)] == expected
+    expected = [text_of(llama_backend.stream([Message(Role.USER, p)], opts))[0] for p in EIGHT]
+    got = concurrently(Engine(llama_backend), [([Message(Role.USER, p)], opts, {}) for p in EIGHT])
+    assert [text for text, _ in got] == expected
     assert sorted(llama_backend._free_seqs) == list(range(8)), "every row gave its sequence back"
 
 
