@@ -55,11 +55,7 @@ def agreement(backend, refs) -> tuple[float, float, int]:
 
     agree, kl, total = 0, 0.0, 0
     for full, plen, ref_logp in refs:
-        seq = backend.take_seq()
-        try:
-            logits = torch.stack(backend.run([(t, p, seq, p >= plen - 1) for p, t in enumerate(full[:-1])]))
-        finally:
-            backend.release_seq(seq)
+        logits = torch.stack(backend.teacher_forced_logits(full[:-1], plen - 1))
         logp = torch.log_softmax(logits.float(), -1)
         agree += int((logp.argmax(-1) == ref_logp.argmax(-1)).sum())
         kl += float(torch.nn.functional.kl_div(logp, ref_logp, log_target=True, reduction="sum"))

@@ -177,6 +177,15 @@ class LlamaCppBackend(LocalBackend):
                 self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
         self._free_seqs.append(seq)
 
+    def teacher_forced_logits(self, ids: list[int], start: int) -> list[Any]:
+        """Next-token logits after each of ids[start:], with ids fed as given (scoring a known text
+        against another model's choices, as the tests and benchmarks/bench_gguf_weights.py do)."""
+        seq = self.take_seq()
+        try:
+            return self.run([(t, p, seq, p >= start) for p, t in enumerate(ids)])
+        finally:
+            self.release_seq(seq)
+
     def run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Decode (token, position, sequence, wants logits) items; logits (1-D tensors) of those asking."""
         with self._use:
