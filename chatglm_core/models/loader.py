@@ -119,13 +119,15 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
     if key in _hash_cache:
         return _hash_cache[key]
     memo = memo_dir / "sha256.json" if memo_dir is not None else None
-    known: dict[str, str] = {}
+    known: Any = {}
     if memo is not None:
         try:
             known = json.loads(memo.read_text())
         except (OSError, ValueError):
-            known = {}
-    digest = known.get(key) if isinstance(known, dict) else None
+            pass
+    if not isinstance(known, dict):  # a damaged memo only costs a re-hash
+        known = {}
+    digest = known.get(key)
     if not isinstance(digest, str):
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -136,7 +138,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
             try:  # a memo that can't be written only costs the next start the hashing
                 memo_dir.mkdir(parents=True, exist_ok=True)
                 tmp = memo.with_name(f"sha256.json.tmp{os.getpid()}")
-                tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: digest}))
+                tmp.write_text(json.dumps({**known, key: digest}))
                 tmp.replace(memo)
             except OSError as e:
                 log.debug("could not write %s: %s", memo, e)
