@@ -135,12 +135,44 @@ def llamacpp_run(backend, dec):
 
 
 @needs_llamacpp
-def test_eight_batched_callers_match_their_single_streams(llama_backend):
+def test_eight_batched_callers_get_their_single_stream_logits(llama_backend, monkeypatch):
+    """Eight callers share batched llama.cpp steps; each row's logits are the ones its sequence gets
+    alone (teacher-forced, one sequence), up to float noise.
+
+    Not "the same text": llama.cpp's float16 kernels differ in their last bits between a one-token and
+    a many-token step, which flips greedy choices at near-ties (on one CI machine " shade" 16.159 vs
+    " pigment" 16.156 after "a rare and precious"). Measured here: batching moves a logit by at most
+    0.06 (a probability by 0.004); a row read one position off moves one by ~48.
+    """
+    fed: dict[tuple[int, int], list[int]] = {}  # (rows, slot) -> prompt ids + every token stepped
+    seen: dict[tuple[int, int], list] = {}  # (rows, slot) -> the logits the engine got for it
+    add, step = llamacpp.LlamaRows.add, llamacpp.LlamaRows.step
+
+    def spy_add(rows, ids):
+        slot, logits = add(rows, ids)
+        fed[id(rows), slot], seen[id(rows), slot] = list(ids), [logits.clone()]
+        return slot, logits
+
+    def spy_step(rows, tokens):
+        out = step(rows, tokens)
+        for slot, token in tokens.items():
+            fed[id(rows), slot].append(token)
+            seen[id(rows), slot].append(out[slot].clone())
+        return out
+
+    monkeypatch.setattr(llamacpp.LlamaRows, "add", spy_add)
+    monkeypatch.setattr(llamacpp.LlamaRows, "step", spy_step)
     opts = GenerationOptions(temperature=0, max_new_tokens=24)
-    expected = [text_of(llama_backend.stream([Message(Role.USER, p)], opts))[0] for p in EIGHT]
     got = concurrently(Engine(llama_backend), [([Message(Role.USER, p)], opts, {}) for p in EIGHT])
-    assert [text for text, _ in got] == expected
-    assert sorted(llama_backend._free_seqs) == list(range(8)), "every row gave its sequence back"
+    monkeypatch.undo()
+    assert all(text and done.finish_reason in ("stop", "length") for text, done in got)
+    assert len(seen) == 8 and sorted(llama_backend._free_seqs) == list(range(8)), "every row gave its sequence back"
+    worst = 0.0
+    for key, ids in fed.items():
+        alone = llama_backend.teacher_forced_logits(ids, len(ids) - len(seen[key]))
+        assert len(alone) == len(seen[key])
+        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(alone, seen[key], strict=True)))
+    assert worst < 1.0, f"batched logits moved by {worst} from the single-sequence ones"
 
 
 @needs_llamacpp
