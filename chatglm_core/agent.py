@@ -30,6 +30,7 @@ from chatglm_core.messages import (
     ToolCallEvent,
     ToolResultEvent,
 )
+from chatglm_core.sampling import options_for
 from tools.registry import ToolRegistry, ToolResult, call_guarded
 
 #: ToolCall name used for the observation that answers a malformed call.
@@ -59,7 +60,7 @@ def run_agent(
     answer with the results. A malformed call is answered with an observation saying what was
     wrong, and counts as a round.
     """
-    options = options or GenerationOptions()
+    options = options or options_for(engine.backend)
     tools = registry.get_tools() if tool_choice != "none" else []
     first = _constraint(tool_choice, tools)
     later = Constraint("tool_call", tools=tuple(tools), auto=True) if tools else None

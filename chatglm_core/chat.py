@@ -13,12 +13,15 @@ or take ``engine=`` explicitly.
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Iterator
 from typing import Any
 
 from chatglm_core.backends.base import GenerationOptions
 from chatglm_core.engine import Engine
 from chatglm_core.messages import Done, Message, Role, TextDelta
+from chatglm_core.sampling import defaults as sampling_defaults
+from chatglm_core.sampling import options_for
 from chatglm_core.settings import Settings, load_settings
 
 _default: Engine | None = None
@@ -40,10 +43,13 @@ def history_to_messages(history: list[dict[str, Any]] | None) -> list[Message]:
     return [Message.from_openai(h) for h in history or []]
 
 
-def options_from(settings: Settings | None = None, **overrides: Any) -> GenerationOptions:
+def options_from(settings: Settings | None = None, backend: Any = None, **overrides: Any) -> GenerationOptions:
+    """Generation options: the overrides given (None = unset), else the sampling defaults the backend
+    was loaded with (`load_backend`), else those of the settings (`chatglm_core.sampling`)."""
     s = settings or load_settings()
-    opts = GenerationOptions(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                             repetition_penalty=s.repetition_penalty)
+    if getattr(backend, "sampling", None) is None:  # not loaded by load_backend: the settings say
+        backend = types.SimpleNamespace(sampling=sampling_defaults(s))
+    opts = options_for(backend, max_new_tokens=s.max_new_tokens)
     for k, v in overrides.items():
         if v is not None:
             if not hasattr(opts, k):
@@ -64,7 +70,7 @@ def stream_chat(query: str, history: list[dict[str, Any]] | None = None, *, role
     messages = history_to_messages(history) + [Message(Role(role if role != "observation" else "tool"), query)]
     new_history = history + [{"role": role, "content": query}]
     response = ""
-    for ev in engine.stream(messages, options_from(**options), cancel=cancel):
+    for ev in engine.stream(messages, options_from(backend=engine.backend, **options), cancel=cancel):
         if isinstance(ev, TextDelta):
             response += ev.text
             yield response, new_history + [{"role": "assistant", "content": response}]

@@ -63,7 +63,8 @@ class ChatSession:
         self.cancel = threading.Event()
         text = ""
         try:
-            for ev in self.engine.stream(self.messages(query), options_from(self.settings, seed=self.seed),
+            for ev in self.engine.stream(self.messages(query), options_from(self.settings, self.engine.backend,
+                                                                                   seed=self.seed),
                                          cancel=self.cancel):
                 if isinstance(ev, TextDelta):
                     text += ev.text
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_sigint)
     runtime = getattr(engine.backend, "runtime", None)
     print(WELCOME.format(model=engine.model_name, device=engine.backend.device + (f", {runtime}" if runtime else "")))
+    sampling = getattr(engine.backend, "sampling", None)
+    if sampling is not None:
+        print(f"Sampling: {sampling.describe()}; --temperature/--top-p change it.")
     try:
         repl(session, sys.stdin, sys.stdout)
     except KeyboardInterrupt:

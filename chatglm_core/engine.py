@@ -29,6 +29,7 @@ from typing import Any
 from chatglm_core.backends.base import Backend, GenerationOptions
 from chatglm_core.errors import ChatGLMError, GenerationError, RequestError
 from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
+from chatglm_core.sampling import options_for
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class Engine:
     ) -> Iterator[TextDelta | Done]:
         """Events of one generation: TextDeltas, then a Done. Raises ChatGLMError subclasses."""
         validate_messages(messages)
-        req = _Request(messages, options or GenerationOptions(), tools, interpreter, cancel or threading.Event())
+        req = _Request(messages, options or options_for(self.backend), tools, interpreter, cancel or threading.Event())
         return self._events(req)
 
     def _events(self, req: _Request) -> Iterator[TextDelta | Done]:

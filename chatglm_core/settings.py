@@ -48,9 +48,13 @@ class Settings(BaseSettings):
     remote_model: str | None = None
 
     # --- generation defaults --------------------------------------------------------------
+    # Sampling values set here win; left unset, the model's own recommendation (its
+    # generation_config.json, GGUF metadata, or the embedded model's card) comes before these
+    # fallbacks: see chatglm_core.sampling.
     max_new_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
     repetition_penalty: float = Field(1.05, gt=0.0)
     system_prompt: str = ""
 

@@ -109,7 +109,7 @@ class WebChat:
 
     def options(self, temperature: float, top_p: float, max_new_tokens: float) -> GenerationOptions:
         # Gradio's sliders have already rejected out-of-range values with a message naming them.
-        return options_from(self.settings, temperature=float(temperature), top_p=float(top_p),
+        return options_from(self.settings, self.engine.backend, temperature=float(temperature), top_p=float(top_p),
                             max_new_tokens=int(max_new_tokens), seed=self.seed)
 
 
@@ -144,8 +144,9 @@ def build_app(chat: WebChat) -> Any:
             clear_btn = gr.Button("Clear history")
         with gr.Accordion("Settings", open=False):
             system = gr.Textbox(value=s.system_prompt, label="System prompt", lines=2)
-            temperature = gr.Slider(0.0, 2.0, value=s.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=s.top_p, step=0.05, label="Top p")
+            d = options_from(s, chat.engine.backend)  # the settings', else the model's recommendation
+            temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top p")
             max_new = gr.Slider(1, max(4096, s.max_new_tokens), value=s.max_new_tokens, step=1,
                                 label="Max new tokens")
         inputs = [query, chatbot, system, temperature, top_p, max_new]

@@ -98,6 +98,10 @@ def test_chat_streams_the_real_models_reply(app_env):
     assert "SmolLM2-135M-Instruct" in at.sidebar.caption[0].value and "cpu" in at.sidebar.caption[0].value
     # the default a user gets: llama.cpp on the float16 copy when it is installed, else transformers
     assert ("llama.cpp, float16" in at.sidebar.caption[0].value) == llamacpp.available()
+    # sampling: the temperature set in the environment (0) wins, top_p is the model card's
+    temperature, top_p = at.sidebar.slider(key="gen_temperature"), at.sidebar.slider(key="gen_top_p")
+    assert (temperature.value, top_p.value) == (0.0, 0.9)
+    assert "(top_p: SmolLM2's model card)" in temperature.help
     send(at, "What is the capital of France?")
     expected = greedy_reply("What is the capital of France?")
     assert expected.strip()

@@ -16,6 +16,9 @@ def test_cli_question_clear_exit(small_settings):
         env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "Chat with SmolLM2-135M-Instruct (cpu)" in proc.stdout
+    # the flag's temperature wins; the rest is the model card's top_p and our fallbacks
+    assert ("Sampling: temperature 0, top_p 0.9, top_k off, repetition penalty 1.05 (top_p: SmolLM2's model card)"
+            in proc.stdout)
     assert "SmolLM2-135M-Instruct: The capital of France is Paris." in proc.stdout
     assert "(history cleared)" in proc.stdout
 

@@ -29,27 +29,31 @@ def show(mode: str, engine: Engine | None) -> None:
                        + (f" ({runtime})" if runtime else ""))
         else:
             st.caption("Model not loaded")
-        _generation_controls(mode)
+        _generation_controls(mode, engine)
         conv = state.conversation(mode)
         _conversation_actions(mode, conv)
         _history(mode, conv)
         _export_import(mode, conv)
 
 
-def _generation_controls(mode: str) -> None:
-    # Defaults come from the settings (CHATGLM_TEMPERATURE, …): temperature 0.7, top_p 0.9,
-    # repetition penalty 1.05, 512 new tokens. ChatGLM3's demo uses 0.95 / 0.8 / 1.1 / 256, tuned
-    # for a 6B model: small local models (135M–3B) drift into nonsense at 0.95, a 1.1 penalty makes
-    # them avoid the repeated punctuation code and JSON tool calls need, and 256 tokens cut most
-    # code answers short.
+def _generation_controls(mode: str, engine: Engine | None) -> None:
+    # Defaults: the settings' values you set (CHATGLM_TEMPERATURE, …), else the model's own
+    # recommendation (chatglm_core.sampling: the embedded SmolLM2's card says temperature 0.2,
+    # top_p 0.9), else temperature 0.7, top_p 0.9, repetition penalty 1.05, 512 new tokens.
+    # ChatGLM3's demo uses 0.95 / 0.8 / 1.1 / 256, tuned for a 6B model: small local models
+    # (135M–3B) drift into nonsense at 0.95, a 1.1 penalty makes them avoid the repeated punctuation
+    # code and JSON tool calls need, and 256 tokens cut most code answers short.
     s = state.settings()
-    defaults = {"gen_temperature": s.temperature, "gen_top_p": s.top_p,
-                "gen_repetition_penalty": s.repetition_penalty, "gen_max_new_tokens": s.max_new_tokens}
+    d = options_from(s, engine.backend if engine is not None else None)
+    defaults = {"gen_temperature": d.temperature, "gen_top_p": d.top_p,
+                "gen_repetition_penalty": d.repetition_penalty, "gen_max_new_tokens": d.max_new_tokens}
     for key, value in defaults.items():
         st.session_state.setdefault(key, value)
+    sampling = getattr(engine.backend, "sampling", None) if engine is not None else None
+    where = f"Default: {sampling.describe()}." if sampling is not None else None
     with st.expander("Generation", expanded=False):
-        st.slider("Temperature (0 = greedy)", 0.0, 2.0, step=0.05, key="gen_temperature")
-        st.slider("Top p", 0.05, 1.0, step=0.05, key="gen_top_p")
+        st.slider("Temperature (0 = greedy)", 0.0, 2.0, step=0.05, key="gen_temperature", help=where)
+        st.slider("Top p", 0.05, 1.0, step=0.05, key="gen_top_p", help=where)
         st.slider("Repetition penalty", 1.0, 2.0, step=0.01, key="gen_repetition_penalty")
         st.number_input("Max new tokens", 1, 32768, step=64, key="gen_max_new_tokens")
         key = f"system_{mode}"
@@ -61,7 +65,8 @@ def _generation_controls(mode: str) -> None:
 
 def generation_options() -> GenerationOptions:
     ss = st.session_state
-    return options_from(state.settings(), temperature=float(ss["gen_temperature"]), top_p=float(ss["gen_top_p"]),
+    return options_from(state.settings(), getattr(state.loaded_engine(), "backend", None),
+                        temperature=float(ss["gen_temperature"]), top_p=float(ss["gen_top_p"]),
                         repetition_penalty=float(ss["gen_repetition_penalty"]),
                         max_new_tokens=int(ss["gen_max_new_tokens"]))
 

@@ -139,7 +139,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         state.check_model(req.model, state.chat_names())
         assert state.engine is not None
-        plan = chat.plan_chat(req, settings, state.engine.backend.context_window)
+        plan = chat.plan_chat(req, settings, state.engine.backend)
         try:
             if not req.stream:
                 return await chat.complete(state.engine, plan, state.model_name, request)

@@ -24,6 +24,7 @@ from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.engine import Engine, validate_messages
 from chatglm_core.errors import RequestError
 from chatglm_core.messages import Done, Message, Role, TextDelta, ToolCall, Usage
+from chatglm_core.sampling import defaults as sampling_defaults
 from chatglm_core.settings import Settings
 
 GREEDY_BELOW = 1e-4  # smaller temperatures overflow the logits; they mean "greedy" anyway
@@ -39,13 +40,13 @@ class ChatPlan:
 
 
 # --- request → plan ----------------------------------------------------------------------------
-def plan_chat(req: ChatCompletionRequest, settings: Settings, context_window: int | None) -> ChatPlan:
+def plan_chat(req: ChatCompletionRequest, settings: Settings, backend: Any) -> ChatPlan:
     if req.logprobs:
         raise RequestError("logprobs are not supported by this server: drop 'logprobs'", param="logprobs")
     tools, choice, legacy = _tools_and_choice(req)
     messages = to_messages(req.messages)
     validate_messages(messages)
-    base = _options(req, settings, context_window)
+    base = _options(req, settings, backend)
     base.constraint = _constraint(req, tools, choice)
     options = []
     for i in range(req.n):
@@ -126,7 +127,11 @@ def check_schema(schema: dict[str, Any], param: str, what: str) -> None:
                            code="invalid_schema") from None
 
 
-def _options(req: ChatCompletionRequest, settings: Settings, context_window: int | None) -> GenerationOptions:
+def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> GenerationOptions:
+    """The request's values; what it leaves out comes from the backend's sampling defaults (yours, else
+    the model's recommendation: `chatglm_core.sampling`), as vLLM applies a model's generation_config."""
+    context_window = backend.context_window
+    d = getattr(backend, "sampling", None) or sampling_defaults(settings)
     max_new = req.max_completion_tokens or req.max_tokens or settings.max_new_tokens
     if context_window and max_new > context_window:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
@@ -134,15 +139,17 @@ def _options(req: ChatCompletionRequest, settings: Settings, context_window: int
                            "(prompt and reply together)", param=param)
     if context_window:
         max_new = min(max_new, context_window)
-    temperature = settings.temperature if req.temperature is None else req.temperature
+    temperature = d.temperature if req.temperature is None else req.temperature
+    # OpenAI semantics: no repetition penalty unless the request asks or the model's own files
+    # recommend one (the app's fallback 1.05 derails JSON mode)
+    penalty = d.repetition_penalty if "repetition_penalty" in d.from_model else 1.0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return GenerationOptions(
         max_new_tokens=max_new,
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-        top_p=settings.top_p if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
-        # OpenAI semantics: no penalty unless the request asks (the app's default 1.05 derails JSON mode)
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        top_p=d.top_p if req.top_p is None else req.top_p,
+        top_k=d.top_k if req.top_k is None else req.top_k,
+        repetition_penalty=penalty if req.repetition_penalty is None else req.repetition_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         stop=[s for s in stop if s],

@@ -14,7 +14,17 @@ def load_backend(settings: Settings) -> Backend:
     Locally, "auto" means llama.cpp for a GGUF model (the embedded default included) when
     llama-cpp-python is installed and no GPU is used (several times faster on CPU; a small model's
     weights are converted to float16 first, see `backends.llamacpp`), and transformers otherwise.
+    The backend carries its sampling defaults (`backend.sampling`: the settings', else the model's
+    recommendation; see `chatglm_core.sampling`).
     """
+    from chatglm_core.sampling import defaults
+
+    backend = _load(settings)
+    backend.sampling = defaults(settings)  # type: ignore[attr-defined]
+    return backend
+
+
+def _load(settings: Settings) -> Backend:
     if settings.backend == "remote" or (settings.backend == "auto" and settings.remote_base_url):
         from chatglm_core.backends.remote import RemoteBackend
 
