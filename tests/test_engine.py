@@ -285,3 +285,40 @@ def test_process_exits_cleanly_while_a_generation_runs(small_settings):
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()
+
+
+def test_sample_token_keeps_transformers_top_p_nucleus_and_draws_by_probability():
+    """sample_token's nucleus is TopPLogitsWarper's, found without sorting the vocabulary; its draws
+    follow the nucleus' renormalised probabilities."""
+    import torch
+    from transformers import TopPLogitsWarper
+
+    from chatglm_core.backends.decoding import nucleus, sample_token
+
+    def exact(probs, top_p):  # the definition, in float64 over a full sort
+        p = probs.double().sort(descending=True)
+        return set(p.indices[(p.values.cumsum(0) - p.values) < top_p].tolist())
+
+    gen = torch.Generator().manual_seed(0)
+    for scale, top_p in [(0.5, 0.9), (3.0, 0.9), (8.0, 0.5), (0.01, 0.95), (3.0, 0.999), (20.0, 0.1)]:
+        scores = torch.randn(1, 49152, generator=gen) * scale
+        probs = torch.softmax(scores[0], -1)
+        _, ids = nucleus(probs, top_p)
+        assert set(ids.tolist()) == exact(probs, top_p), (scale, top_p)
+        # transformers' own float32 sums agree but for rounding at the edge (at top_p 0.999 it keeps
+        # 6 more tokens of 1.7e-7 each)
+        hf = set(TopPLogitsWarper(top_p)(None, scores.clone()).isfinite()[0].nonzero()[:, 0].tolist())
+        assert float(probs[list(hf ^ set(ids.tolist()))].sum()) < 1e-5, (scale, top_p)
+        kept = exact(probs, top_p)
+        assert all(sample_token(scores, top_p, gen) in kept for _ in range(300)), (scale, top_p)
+    # a small vocabulary: the nucleus is exactly HF's, and frequencies match probabilities
+    scores = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]])
+    kept = TopPLogitsWarper(0.8)(None, scores.clone()).isfinite()[0]
+    probs = torch.softmax(scores[0], -1) * kept
+    probs /= probs.sum()
+    draws = torch.tensor([sample_token(scores, 0.8, gen) for _ in range(20000)])
+    freq = torch.bincount(draws, minlength=6) / len(draws)
+    assert (freq[~kept] == 0).all() and torch.allclose(freq, probs, atol=0.015)
+    full = torch.tensor([sample_token(scores, 1.0, gen) for _ in range(20000)])
+    assert torch.allclose(torch.bincount(full, minlength=6) / 20000, torch.softmax(scores[0], -1), atol=0.015)
+    assert {sample_token(torch.tensor([[0.0, float("-inf"), 5.0]]), 0.01, gen) for _ in range(50)} == {2}

@@ -110,15 +110,12 @@ class Decoding:
 
     def sample(self, logits: Any) -> int:
         """The next token from this sequence's logits (1-D), after penalties, constraints and warpers."""
-        import torch
-
         scores = logits.float().reshape(1, -1)
         if self.processors:
             scores = self.processors(self.all_ids, scores)
         if self.options.greedy:
             return int(scores.argmax(-1))
-        probs = torch.softmax(scores, dim=-1).cpu()
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return sample_token(scores.cpu(), self.options.top_p, self.generator)
 
     def accept(self, token: int) -> tuple[list[TextDelta], bool]:
         """Take a sampled token: (text deltas it releases, whether the generation is over)."""
@@ -174,8 +171,12 @@ def token_budget(prompt_len: int, options: GenerationOptions, context_window: in
 
 def build_processors(options: GenerationOptions, tokenizer: Any, format_name: str) -> Any:
     """transformers logits processors for the options; an empty list for plain greedy decoding."""
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
 
     procs = LogitsProcessorList()
     if options.constraint is not None:
@@ -190,9 +191,45 @@ def build_processors(options: GenerationOptions, tokenizer: Any, format_name: st
         procs.append(TemperatureLogitsWarper(options.temperature))
         if options.top_k:
             procs.append(TopKLogitsWarper(options.top_k))
-        if options.top_p < 1.0:
-            procs.append(TopPLogitsWarper(options.top_p))
+        # top_p is applied by sample_token (the same nucleus as TopPLogitsWarper, without its full sort)
     return procs
+
+
+def sample_token(scores: Any, top_p: float, generator: Any = None) -> int:
+    """Draw a token from softmax(scores) (1 × vocab) restricted to its top_p nucleus.
+
+    The draw is one uniform number against the cumulative probabilities instead of torch.multinomial,
+    and the nucleus is found without sorting the whole vocabulary (`nucleus`): on SmolLM2's 49,152
+    tokens ~0.2 ms instead of ~3.9 ms a token (TopPLogitsWarper's sort 3.1 ms, multinomial 0.8 ms),
+    which was a third of a CPU decode step.
+    """
+    import torch
+
+    probs = torch.softmax(scores.reshape(-1).float(), dim=-1)
+    index = None
+    if top_p < 1.0:
+        probs, index = nucleus(probs, top_p)
+    cumulative = torch.cumsum(probs, 0)
+    u = torch.rand((), generator=generator) * cumulative[-1]
+    i = min(int(torch.searchsorted(cumulative, u, right=True)), len(cumulative) - 1)
+    return int(index[i]) if index is not None else i
+
+
+def nucleus(probs: Any, top_p: float) -> tuple[Any, Any]:
+    """(probabilities, token ids) of the top_p nucleus, most likely first: what transformers'
+    TopPLogitsWarper keeps (the most likely tokens while the mass above each is below top_p),
+    found with a top-k of growing k rather than a sort of the whole vocabulary."""
+    import torch
+
+    n, k = probs.numel(), 64
+    while True:
+        k = min(k, n)
+        top, idx = torch.topk(probs, k)  # sorted, most likely first
+        above = torch.cumsum(top.double(), 0) - top  # float64: the tail's tiny probabilities still count
+        if k == n or float(above[-1] + top[-1]) >= top_p:  # every token past these has top_p above it
+            keep = max(1, int((above < top_p).sum()))
+            return top[:keep], idx[:keep]
+        k *= 8
 
 
 def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
