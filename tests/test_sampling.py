@@ -15,7 +15,7 @@ from chatglm_core.api.schemas import ChatCompletionRequest
 from chatglm_core.chat import options_from
 from chatglm_core.settings import load_settings
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures"
 SAMPLING_ENV = ("CHATGLM_TEMPERATURE", "CHATGLM_TOP_P", "CHATGLM_TOP_K", "CHATGLM_REPETITION_PENALTY", "MODEL_PATH",
                 "CHATGLM_MODEL_PATH", "CHATGLM_BACKEND", "CHATGLM_REMOTE_BASE_URL")
 
