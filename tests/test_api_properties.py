@@ -242,6 +242,9 @@ def test_streamed_text_equals_the_final_text(pieces):
     ({"tool_choice": {"type": "function"}}, "tool_choice"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "x": 1}]}]}, "messages[0].content"),
     ({"tools": [{"type": "function", "function": {"name": 5}}]}, "tools[0].function.name"),
+    # a discriminated union's tag ("json_schema", the value of "type") is not part of the path
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
 ])
 def test_error_param_is_the_request_path_without_pydantic_union_names(api, extra, param):
     r = api.post("/v1/chat/completions", json={"model": "answer-bot", "messages": [{"role": "user", "content": "hi"}],

@@ -53,11 +53,24 @@ def _is_type_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in _TYPE_TAGS or part[:1].isupper() or any(c in part for c in "[(',"))
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p != "body" and not _is_type_tag(p)]
-    out = ""
-    for p in parts:
+def _loc(loc: tuple[Any, ...], body: Any = None) -> str:
+    """The request path of a pydantic error location: union member names dropped, and so is a
+    discriminated union's tag, recognised by walking the request body along the path: the tag is
+    the object's "type" value, where it is no key of the object or is followed by the key of the
+    same name ("response_format.json_schema.json_schema.name" is response_format.json_schema.name)."""
+    parts = [p for p in loc if p != "body"]
+    out, node, tagged = "", body, None
+    for i, p in enumerate(parts):
+        is_dict = isinstance(node, dict)
+        in_body = is_dict and p in node or isinstance(node, list) and isinstance(p, int)
+        tag = is_dict and tagged is not node and node.get("type") == p and (not in_body or parts[i + 1:i + 2] == [p])
+        if tag:
+            tagged = node  # one tag per object
+            continue
+        if not in_body and _is_type_tag(p):
+            continue
         out += f"[{p}]" if isinstance(p, int) else (("." if out else "") + str(p))
+        node = node[p] if in_body and (is_dict or -len(node) <= p < len(node)) else None
     return out
 
 
@@ -67,11 +80,12 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return error_response("We could not parse the JSON body of your request: send valid JSON with "
                               "Content-Type: application/json.", 400, code="invalid_json")
-    param = _loc(tuple(first.get("loc", ()))) or None
+    body = getattr(exc, "body", None)
+    param = _loc(tuple(first.get("loc", ())), body) or None
     if param is None:
         return error_response("The request body must be a JSON object, sent with Content-Type: application/json.",
                               400, code=str(first.get("type")))
-    lines = list(dict.fromkeys(f"{_loc(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors))
+    lines = list(dict.fromkeys(f"{_loc(tuple(e.get('loc', ())), body) or 'body'}: {e.get('msg')}" for e in errors))
     detail = "; ".join(lines[:5])
     more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
     return error_response(f"Invalid request: {detail}{more}", 400, param, code=str(first.get("type")))
