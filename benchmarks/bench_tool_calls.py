@@ -3,8 +3,9 @@
 For each tool (schemas with enums, numbers, booleans, arrays, nested objects, optional fields)
 the model gets N requests that call for it, with the tool described in the prompt and the
 instruction to answer with a <tool_call>. A reply counts as valid when our parser finds a call of
-that tool and its arguments pass jsonschema validation. Sampling with the app's defaults
-(temperature 0.7, top_p 0.9, repetition penalty 1.05).
+that tool and its arguments pass jsonschema validation. Sampling with our generic fallbacks
+(temperature 0.7, top_p 0.9, repetition penalty 1.05; the embedded model's own card says 0.2, which
+the app now uses, so this is the harder case).
 
     python benchmarks/bench_tool_calls.py [--n 5] [--max-new-tokens 96] [--seed 0]
 """
