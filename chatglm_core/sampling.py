@@ -129,7 +129,7 @@ def from_gguf(path: Path) -> dict[str, float]:
         if field is not None and field.data:
             value = field.parts[field.data[0]].tolist()[0]
             found[name] = round(value, 6) if isinstance(value, float) else value  # float32 in the file
-    if found.get("top_k", 0) < 0:  # llama.cpp's "off"
+    if isinstance(found.get("top_k"), int) and found["top_k"] < 0:  # llama.cpp's "off"
         found["top_k"] = 0
     return _valid(found, str(path))
 
