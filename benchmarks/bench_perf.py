@@ -11,7 +11,8 @@
    vs the raw backend's ``stream`` on the same loaded model (goal >= 0.97x), per backend.
 3. under load: 8 simultaneous callers through one engine, aggregate tokens/s vs one caller's
    (goal >= 5x), time to first token p50/p95, per backend; greedy, and sampled as users decode
-   (temperature 0.7, top_p 0.9, repetition penalty 1.05; also a single-stream sampled row in 1).
+   (temperature 0.7, top_p 0.9, repetition penalty 1.05; also a single-stream sampled row in 1);
+   and a ~1,600-token prompt joining while another caller streams (that caller's longest gap).
 4. start-up: a fresh process that loads the default backend and streams one token (warm cache;
    goal <= 5 s).
 5. code interpreter: `benchmarks/bench_sandbox.py` (warm print(1) p50 goal <= 25 ms).
@@ -425,6 +426,38 @@ def under_load(backend, args) -> None:
              agg / single_rate, "goal >= 5")
         line(f"{name} 8 callers first token{label}", f"p50 {pct(ttfts, .5) * 1000:6.0f} ms",
              f"p95 {pct(ttfts, .95) * 1000:6.0f} ms; 1 caller {statistics.median(r[0] for r in singles) * 1000:4.0f} ms")
+    long_prompt_joins(engine, name)
+
+
+LONG_PROMPT = ("Here is a document. " + "The committee met on Tuesday to discuss the budget and the new park. " * 110
+               + "\nSummarize it.")
+
+
+def long_prompt_joins(engine: Engine, name: str) -> None:
+    """A ~1,600-token prompt joins while another caller streams: the streaming caller's longest wait
+    between two tokens, and the long prompt's time to first token."""
+    gaps: list[float] = []
+    started = threading.Event()
+
+    def streamer() -> None:
+        last = None
+        for ev in engine.stream(STORY, greedy(200)):
+            now = time.perf_counter()
+            if isinstance(ev, TextDelta):
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+                started.set()
+
+    t = threading.Thread(target=streamer)
+    t.start()
+    started.wait()
+    time.sleep(0.3)
+    first_token, _, _ = timed_stream(engine.stream, [Message(Role.USER, LONG_PROMPT)], greedy(8))
+    t.join()
+    tokens = engine.backend.count_tokens([Message(Role.USER, LONG_PROMPT)])
+    line(f"{name} {tokens}-token prompt joins", f"max gap {max(gaps) * 1000:5.0f} ms",
+         f"median gap {statistics.median(gaps) * 1000:4.0f} ms; its first token {first_token:5.2f} s")
 
 
 # --- 4. start-up ----------------------------------------------------------------------------------

@@ -198,12 +198,16 @@ class Engine:
             return
         with self._cv:
             self._active.append(req)
-        self._advance(req, logits)
+        if logits is not None:  # else its prompt is prefilled by the next steps (llama.cpp)
+            self._advance(req, logits)
 
     def _step(self) -> None:
-        logits = self._rows.step({r.slot: r.decoding.generated[-1] for r in self._active})
+        # rows that have tokens feed their last one; rows still prefilling get their first logits
+        # from the step that finishes their prompt
+        logits = self._rows.step({r.slot: r.decoding.generated[-1] for r in self._active if r.decoding.generated})
         for req in list(self._active):
-            self._advance(req, logits[req.slot])
+            if req.slot in logits:
+                self._advance(req, logits[req.slot])
 
     def _advance(self, req: _Request, logits: Any) -> None:
         """Sample this row's next token and hand its text to the caller; retire it when done."""

@@ -25,7 +25,7 @@ def test_bench_perf_part_runs_every_row(test_data_dir):
                           cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = ["decode", "time to first token", "via Engine.stream", "via API SSE", "via app page",
-            "8 callers aggregate ", "8 callers first token", "8 callers aggregate, sampled"]
+            "8 callers aggregate ", "8 callers first token", "8 callers aggregate, sampled", "-token prompt joins"]
     if part == "llamacpp":
         rows += ["llamacpp default (float16 copy) decode", "llamacpp native (its own Q4_1) decode",
                  "llamacpp default decode, sampled"]

@@ -134,6 +134,46 @@ def llamacpp_run(backend, dec):
     return run_rows(backend.open_rows(1), dec, None)
 
 
+class RowsSpy:
+    """Records, per sequence, the tokens llama.cpp was fed and the logits the engine got back, and
+    per step how many rows decoded and how many prompt tokens were fed with them."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.fed: dict[tuple[int, int], list[int]] = {}  # (rows, slot) -> prompt ids + every token stepped
+        self.seen: dict[tuple[int, int], list] = {}  # (rows, slot) -> the logits the engine got for it
+        self.steps: list[tuple[int, int]] = []  # (rows decoding, prompt tokens fed)
+        add, step = llamacpp.LlamaRows.add, llamacpp.LlamaRows.step
+
+        def spy_add(rows, ids):
+            slot, logits = add(rows, ids)  # None: a long prompt, prefilled by the following steps
+            self.fed[id(rows), slot] = list(ids)
+            self.seen[id(rows), slot] = [] if logits is None else [logits.clone()]
+            return slot, logits
+
+        def spy_step(rows, tokens):
+            before = {s: rows.pos[s] for s in rows.prompts}
+            out = step(rows, tokens)
+            self.steps.append((len(tokens), sum(rows.pos[s] - p for s, p in before.items())))
+            for slot, logits in out.items():  # a row's first logits come from the step finishing its prompt
+                if slot in tokens:
+                    self.fed[id(rows), slot].append(tokens[slot])
+                self.seen[id(rows), slot].append(logits.clone())
+            return out
+
+        monkeypatch.setattr(llamacpp.LlamaRows, "add", spy_add)
+        monkeypatch.setattr(llamacpp.LlamaRows, "step", spy_step)
+
+    def worst_logit_gap(self, backend) -> float:
+        """The largest difference between a logit the engine got and the one the same sequence gets
+        alone (teacher-forced through one sequence)."""
+        worst = 0.0
+        for key, ids in self.fed.items():
+            alone = backend.teacher_forced_logits(ids, len(ids) - len(self.seen[key]))
+            assert len(alone) == len(self.seen[key])
+            worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(alone, self.seen[key], strict=True)))
+        return worst
+
+
 @needs_llamacpp
 def test_eight_batched_callers_get_their_single_stream_logits(llama_backend, monkeypatch):
     """Eight callers share batched llama.cpp steps; each row's logits are the ones its sequence gets
@@ -144,35 +184,55 @@ def test_eight_batched_callers_get_their_single_stream_logits(llama_backend, mon
     " pigment" 16.156 after "a rare and precious"). Measured here: batching moves a logit by at most
     0.06 (a probability by 0.004); a row read one position off moves one by ~48.
     """
-    fed: dict[tuple[int, int], list[int]] = {}  # (rows, slot) -> prompt ids + every token stepped
-    seen: dict[tuple[int, int], list] = {}  # (rows, slot) -> the logits the engine got for it
-    add, step = llamacpp.LlamaRows.add, llamacpp.LlamaRows.step
-
-    def spy_add(rows, ids):
-        slot, logits = add(rows, ids)
-        fed[id(rows), slot], seen[id(rows), slot] = list(ids), [logits.clone()]
-        return slot, logits
-
-    def spy_step(rows, tokens):
-        out = step(rows, tokens)
-        for slot, token in tokens.items():
-            fed[id(rows), slot].append(token)
-            seen[id(rows), slot].append(out[slot].clone())
-        return out
-
-    monkeypatch.setattr(llamacpp.LlamaRows, "add", spy_add)
-    monkeypatch.setattr(llamacpp.LlamaRows, "step", spy_step)
+    spy = RowsSpy(monkeypatch)
     opts = GenerationOptions(temperature=0, max_new_tokens=24)
     got = concurrently(Engine(llama_backend), [([Message(Role.USER, p)], opts, {}) for p in EIGHT])
     monkeypatch.undo()
     assert all(text and done.finish_reason in ("stop", "length") for text, done in got)
-    assert len(seen) == 8 and sorted(llama_backend._free_seqs) == list(range(8)), "every row gave its sequence back"
-    worst = 0.0
-    for key, ids in fed.items():
-        alone = llama_backend.teacher_forced_logits(ids, len(ids) - len(seen[key]))
-        assert len(alone) == len(seen[key])
-        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(alone, seen[key], strict=True)))
+    assert len(spy.seen) == 8 and sorted(llama_backend._free_seqs) == list(range(8)), "every row gave its sequence back"
+    worst = spy.worst_logit_gap(llama_backend)
     assert worst < 1.0, f"batched logits moved by {worst} from the single-sequence ones"
+
+
+@needs_llamacpp
+def test_a_long_prompt_joins_in_chunks_while_others_stream(llama_backend, monkeypatch):
+    """A prompt longer than prefill_chunk is fed a chunk per step beside the running row's token, so
+    that row keeps getting tokens during the prefill instead of waiting for all of it."""
+    monkeypatch.setattr(llama_backend, "prefill_chunk", 32)
+    spy = RowsSpy(monkeypatch)
+    engine = Engine(llama_backend)
+    long_question = "Summarize: " + "The committee met on Tuesday to discuss the budget and the new park. " * 12
+    streaming = engine.stream([Message(Role.USER, "Count from one to fifty in words.")],
+                              GenerationOptions(temperature=0, max_new_tokens=60))
+    next(streaming)  # the first row is decoding
+    text, done = text_of(engine.stream([Message(Role.USER, long_question)],
+                                       GenerationOptions(temperature=0, max_new_tokens=8)))
+    rest = "".join(ev.text for ev in streaming if isinstance(ev, TextDelta))
+    monkeypatch.undo()
+    assert text and rest and done.usage.prompt_tokens > 4 * 32
+    beside = [fed for rows, fed in spy.steps if fed and rows]  # prompt tokens fed in steps that also decoded
+    assert sum(beside) == done.usage.prompt_tokens and max(beside) == 32 and len(beside) >= 4, spy.steps
+    worst = spy.worst_logit_gap(llama_backend)
+    assert worst < 1.0, f"logits moved by {worst} from the single-sequence ones"
+
+
+@needs_llamacpp
+def test_a_row_removed_mid_prefill_frees_its_sequence(llama_backend, monkeypatch):
+    monkeypatch.setattr(llama_backend, "prefill_chunk", 16)
+    rows = llama_backend.open_rows(2)
+    ids = llama_backend.prompt_ids([Message(Role.USER, "Tell me about the sea. " * 20)])
+    busy, first = rows.add(llama_backend.prompt_ids(FRANCE))  # 37 tokens: longer than a chunk
+    assert first is None and set(rows.step({})) == {busy}  # alone: a whole n_batch in one step
+    short, first = rows.add(ids[:16])
+    assert first is not None and short not in rows.prompts  # a prompt of a chunk or less: prefilled at once
+    rows.remove(short)
+    slot, _ = rows.add(ids)
+    assert set(rows.step({busy: 1})) == {busy} and rows.pos[slot] == 16  # beside a decoding row: 16 tokens
+    rows.remove(slot)  # e.g. its caller cancelled
+    assert slot not in rows.prompts and len(llama_backend._free_seqs) == 7
+    assert set(rows.step({busy: 2})) == {busy}
+    rows.remove(busy)
+    assert sorted(llama_backend._free_seqs) == list(range(8))
 
 
 @needs_llamacpp

@@ -29,11 +29,13 @@ class Rows(Protocol):
     capacity: int
 
     def add(self, ids: list[int]) -> tuple[int, Any]:
-        """Prefill a new sequence; returns (its slot, logits for its first generated token)."""
+        """Open a new sequence: (its slot, logits for its first generated token). The logits are None
+        when the prompt is prefilled by the following steps instead (llama.cpp mixes it into them)."""
         ...
 
     def step(self, tokens: dict[int, int]) -> dict[int, Any]:
-        """Append one token to each listed slot (every open slot); returns next logits per slot."""
+        """Append one token to each listed slot (every slot that has had its logits); returns next
+        logits per slot, plus the first logits of each slot whose prompt this step finished."""
         ...
 
     def remove(self, slot: int) -> None:
@@ -240,6 +242,11 @@ def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
             yield from dec.finish("cancelled")
             return
         slot, logits = rows.add(dec.prompt_ids)
+        while logits is None:  # a prompt prefilled over steps (llama.cpp)
+            if cancel is not None and cancel.is_set():
+                yield from dec.finish("cancelled")
+                return
+            logits = rows.step({}).get(slot)
         while True:
             deltas, over = dec.accept(dec.sample(logits))
             yield from deltas
