@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     gguf_weights: Literal["auto", "native", "bfloat16", "float16"] = "auto"
     # CPU threads for one model step; default half the CPUs (see models.loader.cpu_threads)
     threads: int | None = Field(None, ge=1)
-    # llama.cpp: prompt tokens fed per step while other requests stream (see backends.llamacpp.LlamaRows)
-    prefill_chunk: int = Field(128, ge=1)
+    # a prompt longer than this is prefilled this many tokens a step while other requests stream;
+    # default 128 on the CPU, 512 on a GPU (backends.llamacpp.LlamaRows, transformers_backend.KVRows)
+    prefill_chunk: int | None = Field(None, ge=1)
     cache_dir: Path | None = None  # converted GGUF weights; default <data_dir>/cache
 
     # --- a remote OpenAI-compatible engine -----------------------------------------------------

@@ -322,3 +322,52 @@ def test_sample_token_keeps_transformers_top_p_nucleus_and_draws_by_probability(
     full = torch.tensor([sample_token(scores, 1.0, gen) for _ in range(20000)])
     assert torch.allclose(torch.bincount(full, minlength=6) / 20000, torch.softmax(scores[0], -1), atol=0.015)
     assert {sample_token(torch.tensor([[0.0, float("-inf"), 5.0]]), 0.01, gen) for _ in range(50)} == {2}
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_a_running_row(small_backend):
+    """transformers: a prompt longer than prefill_chunk is fed a chunk per step after the batch's own
+    forward and joins when complete; both rows' logits are those of each sequence alone (fed the same
+    tokens), and the running row gets its logits in every step of the prefill."""
+    import torch
+
+    from chatglm_core.backends.transformers_backend import KVRows
+
+    short = small_backend.prompt_ids([Message(Role.USER, "Count from one to fifty in words.")])
+    long = small_backend.prompt_ids([Message(Role.USER, "Summarize: " + "The committee met on Tuesday. " * 30)])
+    assert len(short) <= 64 < 3 * 64 < len(long)
+
+    def alone(ids, n):  # (logits, greedy tokens) of one sequence by itself, n steps
+        rows = KVRows(small_backend.model, 1)
+        slot, logits = rows.add(ids)
+        out, toks = [logits], []
+        for _ in range(n):
+            toks.append(int(out[-1].argmax()))
+            out.append(rows.step({slot: toks[-1]})[slot])
+        return out, toks
+
+    chunks = -(-len(long) // 64)
+    ref_busy, busy_toks = alone(short, chunks + 6)
+    ref_long, long_toks = alone(long, 6)
+    rows = KVRows(small_backend.model, 2, prefill_chunk=64)
+    busy, logits = rows.add(short)
+    got_busy = [logits]
+    slot, first = rows.add(long)
+    assert first is None and slot in rows.prefilling
+    for i in range(chunks):
+        got = rows.step({busy: busy_toks[i]})
+        got_busy.append(got[busy])
+        assert (slot in got) == (i == chunks - 1)  # a chunk a step; the busy row has logits in each
+    got_long = [got[slot]]
+    for i in range(6):
+        got = rows.step({busy: busy_toks[chunks + i], slot: long_toks[i]})
+        got_busy.append(got[busy])
+        got_long.append(got[slot])
+    for mine, ref in ((got_busy, ref_busy), (got_long, ref_long)):
+        assert max(float((a - b).abs().max()) for a, b in zip(mine, ref, strict=True)) < 1e-3
+    rows.remove(slot)
+    rows.remove(busy)
+    assert rows.slots == [] and rows.cache is None and not rows.prefilling
+    removed = KVRows(small_backend.model, 1, prefill_chunk=64)
+    s, _ = removed.add(long)
+    removed.remove(s)  # a caller that cancels while its prompt is still waiting
+    assert not removed.prefilling and torch.is_tensor(removed.add(short)[1])

@@ -143,7 +143,7 @@ class LlamaCppBackend(LocalBackend):
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
                       n_threads_batch=threads)
         backend.source_gguf = gguf
-        backend.prefill_chunk = settings.prefill_chunk
+        backend.prefill_chunk = settings.prefill_chunk or LlamaCppBackend.prefill_chunk
         if backend.gguf != gguf:
             backend.runtime = f"llama.cpp, {backend.gguf.stem.rsplit('-', 1)[-1]} copy of the GGUF"
         return backend
