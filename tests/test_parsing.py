@@ -40,6 +40,11 @@ def test_literal_kwargs(code, expected):
         ("tool_call(x=open('/etc/passwd').read())", "not a literal"),
         ("os.system('rm -rf /')", "expected `tool_call"),
         ("tool_call(x=1); import os", "not valid Python syntax"),
+        # found by hypothesis in a fresh-clone run: a lone surrogate made ast.parse raise UnicodeEncodeError
+        ("\ud800", "can't be parsed"),
+        ("tool_call(x='\ud800')", "can't be parsed"),
+        ("tool_call(x=1)\x00", "null bytes|can't be parsed"),
+        ("tool_call(x=" + "[" * 5000 + "]" * 5000 + ")", "not valid Python syntax|can't be parsed"),
     ],
 )
 def test_literal_kwargs_rejects(code, fragment):

@@ -174,6 +174,8 @@ def test_calculator_values(registry, expression, value):
     ("(-8) ** 0.5", "not a real number"),
     ("2 ^ 3", "write 2 ** 10"),
     ("1 +", "not a valid expression"),
+    ("1 + \ud800", "not a valid expression"),  # a lone surrogate: ast.parse raised UnicodeEncodeError
+    ("1 + 1\x00", "not a valid expression"),
     ("1" * 600, "longer than 500"),
 ])
 def test_calculator_refuses_unsafe_or_huge_input_quickly(registry, expression, message):

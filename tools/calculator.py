@@ -51,6 +51,9 @@ def evaluate(expression: str) -> int | float:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as e:
         raise ToolError(f"not a valid expression ({e.msg}); write e.g. 2 * (3 + 4) ** 2") from None
+    except (ValueError, RecursionError, MemoryError):  # a lone surrogate, a null byte, deep nesting
+        raise ToolError("not a valid expression (it has characters or nesting Python can't parse); "
+                        "write e.g. 2 * (3 + 4) ** 2") from None
     try:
         value = _eval(tree.body)
     except ZeroDivisionError:

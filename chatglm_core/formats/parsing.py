@@ -40,6 +40,8 @@ def literal_kwargs(code: str) -> dict[str, Any]:
         tree = ast.parse(code.strip(), mode="eval")
     except SyntaxError as e:
         raise ParseError(f"tool call is not valid Python syntax ({e.msg}): {code.strip()[:200]!r}") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # a lone surrogate, a null byte, deep nesting
+        raise ParseError(f"tool call can't be parsed ({type(e).__name__}: {str(e)[:100]}): {code.strip()[:200]!r}") from None
     call = tree.body
     if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.func.id != "tool_call":
         raise ParseError(f"expected `tool_call(name=value, ...)`, got {code.strip()[:200]!r}")
