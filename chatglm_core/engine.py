@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatglm_core.backends.base import Backend, GenerationOptions
-from chatglm_core.errors import ChatGLMError, GenerationError, RequestError
+from chatglm_core.errors import ChatGLMError, GenerationError, RequestError, check_unicode
 from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
 from chatglm_core.sampling import options_for
 
@@ -255,6 +255,9 @@ def validate_messages(messages: list[Message]) -> None:
     if not messages:
         raise RequestError("messages must not be empty", param="messages")
     for i, m in enumerate(messages):
+        check_unicode(m.content, f"messages[{i}].content")
+        for j, call in enumerate(m.tool_calls):
+            check_unicode(call.arguments, f"messages[{i}].tool_calls[{j}].arguments")
         if m.role is Role.SYSTEM and i != 0:
             raise RequestError(f"messages[{i}]: a system message may only come first", param="messages")
         if m.role is Role.TOOL and (i == 0 or messages[i - 1].role not in (Role.ASSISTANT, Role.TOOL)):

@@ -29,3 +29,22 @@ class ParseError(ChatGLMError):
 
 class GenerationError(ChatGLMError):
     pass
+
+
+def check_unicode(value: object, param: str) -> None:
+    """RequestError naming the first string in `value` (str, list, dict, nested) that holds a lone
+    UTF-16 surrogate: JSON can spell one ("\\ud800") but it is no Unicode text, and tokenizers,
+    ast.parse and the kernel's wire protocol all fail on it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"{param} holds a lone UTF-16 surrogate ({value[e.start]!r} at character {e.start}), "
+                               "which is not valid Unicode text: send it as UTF-8", param=param) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, param)
+            check_unicode(v, f"{param}.{k}" if param else str(k))
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{param}[{i}]")

@@ -20,7 +20,7 @@ from chatglm_core.api import create_app
 from chatglm_core.engine import Engine
 from chatglm_core.errors import ParseError
 from chatglm_core.formats.parsing import parse_json_turn
-from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
+from chatglm_core.messages import Done, Message, Role, TextDelta, ToolCall, Usage
 from chatglm_core.settings import Settings
 
 WEATHER = {"type": "function", "function": {
@@ -191,3 +191,31 @@ def test_real_model_reply_to_an_attack_has_no_forged_call(real, payload, mode, s
     r = client.post("/v1/chat/completions", json=body(payload, stream, model=recording.model_name,
                                                       max_tokens=tokens, **MODES[mode]))
     assert_not_forged(tool_calls(r), mode)
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"messages": [{"role": "user", "content": "hi \\ud800 there"}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}, "messages[0].content[0].text"),
+    ({"stop": ["\\ud83d"]}, "stop[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "description": "x\\udc00"}}]},
+     "tools[0].function.description"),
+])
+def test_a_lone_surrogate_is_a_400_naming_where_it_is(parrot, extra, param):
+    """JSON can spell a lone UTF-16 surrogate, but it is not text: tokenizers and ast.parse fail on it
+    (a 500 "generation failed: TypeError" before). Sent as raw JSON, since a Python str can't be."""
+    raw = {"model": "parrot", "messages": [{"role": "user", "content": "hi"}], **extra}
+    text = json.dumps(raw).replace("\\\\u", "\\u")  # un-escape our "\\ud800" into JSON's \ud800
+    r = parrot.post("/v1/chat/completions", content=text, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "lone UTF-16 surrogate" in error["message"]
+
+
+def test_a_lone_surrogate_in_the_python_api_is_a_request_error():
+    from chatglm_core.engine import validate_messages
+    from chatglm_core.errors import RequestError
+
+    with pytest.raises(RequestError, match="lone UTF-16 surrogate") as e:
+        validate_messages([Message(Role.USER, "ok"), Message(Role.ASSISTANT, "", [ToolCall("f", {"a": "\ud800"})]),
+                           Message(Role.TOOL, "done")])
+    assert e.value.param == "messages[1].tool_calls[0].arguments.a"

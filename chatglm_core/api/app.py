@@ -33,7 +33,7 @@ from chatglm_core.api.schemas import (
     ModelList,
 )
 from chatglm_core.engine import Engine
-from chatglm_core.errors import RequestError
+from chatglm_core.errors import RequestError, check_unicode
 from chatglm_core.settings import Settings
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -137,6 +137,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                                           "description": "a chat.completion, or SSE chunks when stream=true"}},
               dependencies=v1["dependencies"])
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
+        check_unicode(req.model_dump(exclude_none=True), "")
         state.check_model(req.model, state.chat_names())
         assert state.engine is not None
         plan = chat.plan_chat(req, settings, state.engine.backend)
@@ -150,6 +151,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.post("/v1/embeddings", response_model=EmbeddingList, **v1)
     async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        check_unicode(req.model_dump(exclude_none=True), "")
         state.check_model(req.model, [state.embedder.name])
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts:
