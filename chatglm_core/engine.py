@@ -198,7 +198,7 @@ class Engine:
             return
         with self._cv:
             self._active.append(req)
-        if logits is not None:  # else its prompt is prefilled by the next steps (llama.cpp)
+        if logits is not None:  # else its (long) prompt is prefilled by the next steps
             self._advance(req, logits)
 
     def _step(self) -> None:
