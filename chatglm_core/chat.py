@@ -13,15 +13,13 @@ or take ``engine=`` explicitly.
 from __future__ import annotations
 
 import threading
-import types
 from collections.abc import Iterator
 from typing import Any
 
+from chatglm_core import sampling
 from chatglm_core.backends.base import GenerationOptions
 from chatglm_core.engine import Engine
 from chatglm_core.messages import Done, Message, Role, TextDelta
-from chatglm_core.sampling import defaults as sampling_defaults
-from chatglm_core.sampling import options_for
 from chatglm_core.settings import Settings, load_settings
 
 _default: Engine | None = None
@@ -47,9 +45,7 @@ def options_from(settings: Settings | None = None, backend: Any = None, **overri
     """Generation options: the overrides given (None = unset), else the sampling defaults the backend
     was loaded with (`load_backend`), else those of the settings (`chatglm_core.sampling`)."""
     s = settings or load_settings()
-    if getattr(backend, "sampling", None) is None:  # not loaded by load_backend: the settings say
-        backend = types.SimpleNamespace(sampling=sampling_defaults(s))
-    opts = options_for(backend, max_new_tokens=s.max_new_tokens)
+    opts = sampling.of(backend, s).options(max_new_tokens=s.max_new_tokens)
     for k, v in overrides.items():
         if v is not None:
             if not hasattr(opts, k):

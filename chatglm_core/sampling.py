@@ -51,6 +51,19 @@ class Sampling:
             return values
         return f"{values} ({', '.join(k for k in _HF_KEYS if k in self.from_model)}: {self.source})"
 
+    def options(self, **values: Any) -> Any:
+        """GenerationOptions with these sampling values; `values` set the rest (or override)."""
+        from chatglm_core.backends.base import GenerationOptions
+
+        return GenerationOptions(**{"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                                    "repetition_penalty": self.repetition_penalty, **values})
+
+
+def of(backend: Any, settings: Any) -> Sampling:
+    """The sampling defaults `load_backend` gave the backend, else the settings' own (a backend built
+    directly, e.g. by `TransformersBackend.from_settings`)."""
+    return getattr(backend, "sampling", None) or defaults(settings)
+
 
 def options_for(backend: Any, **values: Any) -> Any:
     """GenerationOptions with the backend's sampling defaults (`load_backend` sets them), else the
@@ -58,10 +71,7 @@ def options_for(backend: Any, **values: Any) -> Any:
     from chatglm_core.backends.base import GenerationOptions
 
     d = getattr(backend, "sampling", None)
-    if d is not None:
-        values = {"temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
-                  "repetition_penalty": d.repetition_penalty, **values}
-    return GenerationOptions(**values)
+    return d.options(**values) if d is not None else GenerationOptions(**values)
 
 
 def defaults(settings: Any) -> Sampling:

@@ -18,13 +18,13 @@ from typing import Any
 import jsonschema
 from starlette.requests import Request
 
+from chatglm_core import sampling
 from chatglm_core.api.bridge import EngineRun
 from chatglm_core.api.schemas import SEED_MAX, ChatCompletionRequest, ChatMessage, NamedToolChoice
 from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.engine import Engine, validate_messages
 from chatglm_core.errors import RequestError
 from chatglm_core.messages import Done, Message, Role, TextDelta, ToolCall, Usage
-from chatglm_core.sampling import defaults as sampling_defaults
 from chatglm_core.settings import Settings
 
 GREEDY_BELOW = 1e-4  # smaller temperatures overflow the logits; they mean "greedy" anyway
@@ -131,7 +131,7 @@ def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> Ge
     """The request's values; what it leaves out comes from the backend's sampling defaults (yours, else
     the model's recommendation: `chatglm_core.sampling`), as vLLM applies a model's generation_config."""
     context_window = backend.context_window
-    d = getattr(backend, "sampling", None) or sampling_defaults(settings)
+    d = sampling.of(backend, settings)
     max_new = req.max_completion_tokens or req.max_tokens or settings.max_new_tokens
     if context_window and max_new > context_window:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
