@@ -42,7 +42,7 @@ from typing import Any
 
 from chatglm_core.backends.decoding import LocalBackend
 from chatglm_core.errors import ConfigError, GenerationError, RequestError
-from chatglm_core.models.loader import cpu_count, cpu_threads
+from chatglm_core.models.loader import cpu_count, cpu_threads, default_threads
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class LlamaCppBackend(LocalBackend):
         self.n_batch = min(512, self.context_window)
         # half the CPUs by default, for one-token steps as for prompts and batches: a spare core keeps
         # threads that wait for each other from stalling on a busy machine (models.loader.cpu_threads)
-        threads = n_threads or max(1, cpu_count() // 2)
+        threads = n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch
         cparams.n_seq_max = sequences

@@ -108,7 +108,12 @@ def cpu_threads(settings: Settings) -> int:
     tokenizer), each such wait lasts a scheduler time slice: measured here on 2 cores with one
     other busy process, a SmolLM2 step took 39 ms with 1 thread and 102-255 ms with 2 (quiet: the
     same), and llama.cpp's 8 callers got 132 tok/s with 1 thread, 54 with 2 (quiet: 142 and 190)."""
-    return settings.threads or max(1, cpu_count() // 2)
+    return settings.threads or default_threads()
+
+
+def default_threads() -> int:
+    """Half the CPUs (at least one): see cpu_threads."""
+    return max(1, cpu_count() // 2)
 
 
 def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
