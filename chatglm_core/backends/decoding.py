@@ -52,9 +52,16 @@ class LocalBackend:
     format: Any
     tokenizer: Any
     context_window: int | None
+    device: str
+    #: a longer prompt joins a running batch this many tokens a step (settings.prefill_chunk; None: by device)
+    prefill_chunk: int | None = None
 
     def open_rows(self, capacity: int) -> Rows:
         raise NotImplementedError
+
+    def rows_prefill_chunk(self) -> int:
+        """prefill_chunk, else 128 tokens on the CPU and 512 on a GPU."""
+        return self.prefill_chunk or (128 if str(self.device).startswith("cpu") else 512)
 
     def prompt_ids(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
                    interpreter: bool = False) -> list[int]:

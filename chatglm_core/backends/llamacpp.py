@@ -75,7 +75,6 @@ def gguf_path(settings: Any) -> Path | None:
 class LlamaCppBackend(LocalBackend):
     device = "cpu"
     runtime = "llama.cpp"  # what computes: shown beside the device
-    prefill_chunk = 128  # prompt tokens per step while other rows decode (settings.prefill_chunk)
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
                  n_threads: int | None = None, n_threads_batch: int | None = None, sequences: int = DEFAULT_SEQUENCES,
@@ -143,13 +142,13 @@ class LlamaCppBackend(LocalBackend):
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
                       n_threads_batch=threads)
         backend.source_gguf = gguf
-        backend.prefill_chunk = settings.prefill_chunk or LlamaCppBackend.prefill_chunk
+        backend.prefill_chunk = settings.prefill_chunk
         if backend.gguf != gguf:
             backend.runtime = f"llama.cpp, {backend.gguf.stem.rsplit('-', 1)[-1]} copy of the GGUF"
         return backend
 
     def open_rows(self, capacity: int) -> LlamaRows:
-        return LlamaRows(self, capacity, self.prefill_chunk)
+        return LlamaRows(self, capacity, self.rows_prefill_chunk())
 
     def close(self) -> None:
         """Free the model and context (waits for a decode in flight); later requests fail cleanly."""
@@ -230,7 +229,7 @@ class LlamaRows:
     With no row running, a step feeds a whole `n_batch`.
     """
 
-    def __init__(self, backend: LlamaCppBackend, capacity: int, prefill_chunk: int = 128) -> None:
+    def __init__(self, backend: LlamaCppBackend, capacity: int, prefill_chunk: int) -> None:
         self.backend = backend
         self.capacity = min(capacity, backend.sequences)
         self.prefill_chunk = max(1, prefill_chunk)

@@ -16,8 +16,6 @@ from chatglm_core.backends.decoding import LocalBackend
 
 
 class TransformersBackend(LocalBackend):
-    prefill_chunk: int | None = None  # None: 128 on the CPU, 512 on a GPU (settings.prefill_chunk)
-
     def __init__(self, model: Any, tokenizer: Any, fmt: Any, *, model_name: str, device: str,
                  context_window: int | None) -> None:
         self.model = model
@@ -39,8 +37,7 @@ class TransformersBackend(LocalBackend):
 
     def open_rows(self, capacity: int) -> KVRows:
         """Up to `capacity` sequences decoded together (the engine's batch, or one for `stream`)."""
-        chunk = self.prefill_chunk or (128 if str(self.device).startswith("cpu") else 512)
-        return KVRows(self.model, capacity, chunk)
+        return KVRows(self.model, capacity, self.rows_prefill_chunk())
 
 
 class KVRows:
