@@ -247,7 +247,7 @@ class LlamaRows:
         logits = None
         if len(ids) <= self.prefill_chunk:
             try:
-                (logits,) = self.backend.run([(t, p, seq, p == len(ids) - 1) for p, t in enumerate(ids)])
+                (logits,) = self.backend.run(_prompt_items(ids, seq, 0, len(ids)))
             except BaseException:
                 self.backend.release_seq(seq)
                 raise
@@ -266,7 +266,7 @@ class LlamaRows:
         for s, ids in self.prompts.items():  # oldest first; one prompt finishes per step at most
             start = self.pos[s]
             n = min(budget, len(ids) - start)
-            items += [(ids[p], p, self.seqs[s], p == len(ids) - 1) for p in range(start, start + n)]
+            items += _prompt_items(ids, self.seqs[s], start, start + n)
             fed[s], budget = n, budget - n
             if budget <= 0 or start + n == len(ids):
                 break
@@ -287,6 +287,11 @@ class LlamaRows:
         self.prompts.pop(slot, None)
         if seq is not None:
             self.backend.release_seq(seq)
+
+
+def _prompt_items(ids: list[int], seq: int, start: int, stop: int) -> list[tuple[int, int, int, bool]]:
+    """`run` items feeding ids[start:stop] to sequence `seq`; logits for the prompt's last token only."""
+    return [(ids[p], p, seq, p == len(ids) - 1) for p in range(start, stop)]
 
 
 def compute_file(gguf: Path, settings: Any) -> Path:
