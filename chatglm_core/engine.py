@@ -6,7 +6,9 @@ are not thread-safe, so the engine owns them from one worker thread:
 - A local backend that can decode several sequences in lock-step (``open_rows``, see
   `backends.decoding.Rows`) is driven by a batch loop: each step appends one token to every
   running request, and a request that arrives is prefilled and joins the batch at the next step
-  (continuous batching, up to `max_batch` rows; later arrivals wait their turn). A request that
+  (continuous batching, up to `max_batch` rows; later arrivals wait their turn). Its prompt is
+  rendered and tokenized before it is queued, in the caller's thread (`_prepare`): a huge prompt
+  then costs its own caller the time, never the batch loop and every stream in it. A request that
   finishes, is cancelled or whose caller went away leaves the batch at once; the others go on.
   Each row sees only its own tokens (padding is masked), so its output is its single-stream one.
 - Any other backend (remote, scripted) runs one generation at a time under a lock, in arrival
@@ -57,6 +59,9 @@ class Engine:
         self.backend = backend
         self.max_batch = max_batch
         self._lock = threading.Lock()  # one generation at a time, for backends that can't batch
+        # one prompt prepared at a time, as when the batch loop prepared them all: a transformers fast
+        # tokenizer's special-token splitting is a setting of the shared tokenizer, switched per call
+        self._prepare_lock = threading.Lock()
         self._batching = callable(getattr(backend, "open_rows", None)) and callable(getattr(backend, "begin", None))
         self._cv = threading.Condition()
         self._pending: list[_Request] = []
@@ -86,23 +91,31 @@ class Engine:
 
     def _events(self, req: _Request) -> Iterator[TextDelta | Done]:
         if self._batching:
+            try:
+                self._prepare(req)
+            except Exception as e:  # a bad request fails alone, with the caller's error
+                _raise(e)
             self._submit(req)
         else:
             threading.Thread(target=self._run_alone, args=(req,), name="engine-generate", daemon=True).start()
         finished = False
         try:
             while (ev := req.events.get()) is not _END:
-                if isinstance(ev, ChatGLMError):
-                    raise ev
-                if isinstance(ev, MemoryError):
-                    raise GenerationError("out of memory while generating: lower max_new_tokens or use a smaller model")
                 if isinstance(ev, BaseException):
-                    raise GenerationError(f"generation failed: {type(ev).__name__}: {ev}") from ev
+                    _raise(ev)
                 yield ev
             finished = True
         finally:
             if not finished:
                 req.cancel.set()  # a caller that stopped early (or hit an error) frees its row (or the model)
+
+    def _prepare(self, req: _Request) -> None:
+        """The request's decoding state (prompt ids, sampler), made in the caller's thread."""
+        if req.cancel.is_set():
+            return  # _admit answers it "cancelled"
+        with self._prepare_lock:
+            req.decoding = self.backend.begin(req.messages, req.options, tools=req.tools,  # type: ignore[attr-defined]
+                                              interpreter=req.interpreter)
 
     def complete(self, messages: list[Message], options: GenerationOptions | None = None, **kw: Any) -> Done:
         """Run one generation to the end and return its Done."""
@@ -182,14 +195,8 @@ class Engine:
                 self._fail_all(e)
 
     def _admit(self, req: _Request) -> None:
-        try:
-            if req.cancel.is_set():
-                req.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()), _END)
-                return
-            req.decoding = self.backend.begin(req.messages, req.options, tools=req.tools,  # type: ignore[attr-defined]
-                                              interpreter=req.interpreter)
-        except BaseException as e:  # a bad request fails alone
-            req.put(e, _END)
+        if req.cancel.is_set() or req.decoding is None:
+            req.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()), _END)
             return
         try:
             req.slot, logits = self._rows.add(req.decoding.prompt_ids)
@@ -239,6 +246,15 @@ class Engine:
         self._rows = None  # its state is unknown after a failure: start afresh
         for req in failed:
             req.put(error, _END)
+
+
+def _raise(error: BaseException) -> None:
+    """Re-raise a failure in the caller's thread as a ChatGLMError."""
+    if isinstance(error, ChatGLMError):
+        raise error
+    if isinstance(error, MemoryError):
+        raise GenerationError("out of memory while generating: lower max_new_tokens or use a smaller model")
+    raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
 
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()

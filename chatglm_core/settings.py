@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     # what llama.cpp computes a GGUF with: its own quantized weights ("native"), or the weights
     # converted once to bfloat16/float16 (cached); "auto" converts small models (see backends.llamacpp)
     gguf_weights: Literal["auto", "native", "bfloat16", "float16"] = "auto"
-    # CPU threads for one model step; default half the CPUs (see models.loader.cpu_threads)
+    # CPU threads for one model step; default the physical cores (see models.loader.default_threads)
     threads: int | None = Field(None, ge=1)
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;
     # default 128 on the CPU, 512 on a GPU (backends.llamacpp.LlamaRows, transformers_backend.KVRows)
@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     embedding_path: str | None = Field(None, validation_alias=_alias("EMBEDDING_PATH"))
     served_model_name: str | None = None
     model_aliases: str = "chatglm3-6b"  # comma-separated names the API also accepts for the served model
+    # the largest request body the API reads (bytes); a bigger one gets a 413 before it is read
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
 
     @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
                      mode="before")

@@ -1,4 +1,5 @@
-"""`make bench` keeps working: its per-backend part runs end to end on a few tokens.
+"""`make bench` keeps working: its per-backend part runs end to end on a few tokens, and so does its
+comparison with llama.cpp's own server where one is built (`make llama-server`, or LLAMA_SERVER).
 
 Speed is never asserted here (figures move with the machine); this checks that every row the
 closing notes quote is still measured and printed, so a change elsewhere cannot silently break the
@@ -11,6 +12,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from chatglm_core.backends import llamacpp
 
@@ -32,3 +35,32 @@ def test_bench_perf_part_runs_every_row(test_data_dir):
     missing = [r for r in rows if r not in proc.stdout]
     assert not missing, proc.stdout
     assert "ratio" in proc.stdout and "tok/s" in proc.stdout
+
+
+LLAMA_SERVER = os.environ.get("LLAMA_SERVER") or str(ROOT / ".llama-server" / "bin" / "llama-server")
+
+
+@pytest.mark.skipif(not os.access(LLAMA_SERVER, os.X_OK),
+                    reason=f"no llama-server at {LLAMA_SERVER}: `make llama-server` builds it (several minutes), "
+                           "or set LLAMA_SERVER=/path/to/llama-server")
+@pytest.mark.skipif(not llamacpp.available(), reason="the comparison runs our llama.cpp backend: llama-cpp-python "
+                                                     "is not installed")
+def test_bench_vs_llama_server_prints_every_row_with_both_figures(test_data_dir):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_vs_llama_server import ROWS
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL_PATH"))}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_vs_llama_server.py", "--runs", "1", "--tokens", "6",
+                           "--turn-tokens", "3", "--data-dir", str(test_data_dir), "--llama-server", LLAMA_SERVER],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = {cells[0]: cells[1:] for row in proc.stdout.splitlines() if row.startswith("| ")
+             for cells in [[c.strip() for c in row.strip("|").split("|")]]}
+    for row in ROWS[:7]:
+        ours, theirs, ratio = table[row]
+        for figure in (ours, theirs):
+            value, unit = figure.split(" ", 1)
+            assert float(value) > 0 and unit in ("tok/s", "ms"), (row, figure)
+        assert ratio.endswith("x") and float(ratio[:-1]) > 0
+    assert ROWS[7] in table  # the cached-token counts (a number, or n/a where a server does not report it)
+    assert "thread(s) per step on both sides" in proc.stdout

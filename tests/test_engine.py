@@ -212,6 +212,66 @@ def test_prompt_longer_than_context_is_a_request_error(small_engine, small_backe
         collect(small_engine, FRANCE)
 
 
+def test_a_prompt_that_cannot_fit_is_refused_by_its_length_before_tokenizing(small_backend, monkeypatch):
+    from chatglm_core.backends.decoding import check_prompt_chars
+
+    longest = small_backend.max_token_chars()
+    vocab = small_backend.tokenizer.get_vocab()
+    assert longest == max(map(len, vocab)) and 8 <= longest <= 256
+    text = "Hello, world! Ünïcödé 你好 " * 50  # no token covers more characters than the longest one
+    assert len(small_backend.tokenizer.encode(text, add_special_tokens=False)) * longest >= len(text)
+    window = small_backend.context_window
+    check_prompt_chars([Message(Role.USER, "x" * (window * longest))], None, window, longest)  # may still fit
+    with pytest.raises(RequestError, match="characters") as e:
+        check_prompt_chars([Message(Role.USER, "x" * (window * longest + 1))], None, window, longest)
+    assert e.value.code == "context_length_exceeded"
+    tools = [{"type": "function", "function": {"name": "t", "description": "d" * (window * longest)}}]
+    with pytest.raises(RequestError, match="characters"):  # the tools' JSON counts too
+        check_prompt_chars([Message(Role.USER, "hi")], tools, window, longest)
+    monkeypatch.setattr(small_backend, "prompt_ids", lambda *a, **k: pytest.fail("tokenized a prompt that can't fit"))
+    with pytest.raises(RequestError, match="context window"):
+        small_backend.begin([Message(Role.USER, "x" * (window * longest + 1))], GREEDY)
+
+
+def test_prompts_are_prepared_in_the_callers_thread_and_a_huge_one_stalls_no_stream(small_engine, small_backend,
+                                                                                      monkeypatch):
+    """A 12 M-character prompt (2 M tokens) sent while another caller streams: it is refused within a
+    second, and the streaming caller never waits long for its next token (tokenized on the batch loop,
+    it held every stream ~10 s)."""
+    threads = []
+    begin = small_backend.begin
+
+    def recording_begin(*a, **k):
+        threads.append(threading.current_thread().name)
+        return begin(*a, **k)
+
+    monkeypatch.setattr(small_backend, "begin", recording_begin)
+    gaps, first = [], threading.Event()
+
+    def streamer() -> None:
+        last = None
+        story = [Message(Role.USER, "Write a long story about a lighthouse keeper and a storm.")]
+        for ev in small_engine.stream(story, GenerationOptions(temperature=0, max_new_tokens=60)):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+            first.set()
+
+    t = threading.Thread(target=streamer, name="streaming-caller")
+    t.start()
+    assert first.wait(60)
+    t0 = time.perf_counter()
+    with pytest.raises(RequestError, match="characters") as e:
+        collect(small_engine, [Message(Role.USER, "Hello " * 2_000_000)])
+    refused = time.perf_counter() - t0
+    t.join(60)
+    assert e.value.code == "context_length_exceeded"
+    assert refused < 2.0, f"refusing the huge prompt took {refused:.1f} s"
+    assert gaps and max(gaps) < 2.0, f"the streaming caller waited {max(gaps):.1f} s for a token"
+    assert threads == ["streaming-caller", threading.current_thread().name]  # never the engine's batch thread
+
+
 @pytest.mark.parametrize(
     "messages, fragment",
     [

@@ -89,13 +89,13 @@ def test_gguf_cache_is_keyed_by_hash_and_reused(small_settings, monkeypatch):
     assert loader.resolve_model_dir(small_settings)[0] == folder
 
 
-def test_cpu_threads_default_to_half_the_cpus(small_settings, small_backend, monkeypatch):
+def test_cpu_threads_default_to_the_physical_cores(small_settings, small_backend, monkeypatch):
     import torch
 
-    monkeypatch.setattr(loader, "cpu_count", lambda: 16)
+    monkeypatch.setattr(loader, "physical_cores", lambda: 8)  # counted in test_cpus.py
     assert loader.cpu_threads(small_settings) == 8
     assert loader.cpu_threads(small_settings.model_copy(update={"threads": 3})) == 3
-    monkeypatch.setattr(loader, "cpu_count", lambda: 1)
+    monkeypatch.setattr(loader, "physical_cores", lambda: 1)
     assert loader.cpu_threads(small_settings) == 1
     monkeypatch.undo()
     assert torch.get_num_threads() == loader.cpu_threads(small_settings)  # what loading the model set

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from chatglm_core.api import chat, errors
 from chatglm_core.api.bridge import ClientGone, EngineRun
 from chatglm_core.api.embeddings import Embedder, encode_vector
+from chatglm_core.api.limits import BodySizeLimit
 from chatglm_core.api.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -40,6 +41,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
+    413: {"model": ErrorResponse, "description": "Request body over CHATGLM_MAX_REQUEST_BYTES"},
     500: {"model": ErrorResponse, "description": "Generation failed"},
 }
 # OpenAPI 3.1: an event stream's `schema` describes one event (its fields), not the whole body
@@ -99,6 +101,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="ChatGLM workbench OpenAI-compatible API", version="1.0", lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)  # inside CORS: a 413 keeps its headers
     if settings.cors_origins.strip():
         from fastapi.middleware.cors import CORSMiddleware
 

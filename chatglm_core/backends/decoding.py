@@ -9,6 +9,7 @@ text that may still become a stop string or a tool-call opening, and the final `
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -77,6 +78,7 @@ class LocalBackend:
     def begin(self, messages: list[Message], options: GenerationOptions, *,
               tools: list[dict[str, Any]] | None = None, interpreter: bool = False) -> Decoding:
         """The decoding state of one request (raises RequestError for a prompt that doesn't fit)."""
+        check_prompt_chars(messages, tools, self.context_window, self.max_token_chars())
         ids = self.prompt_ids(messages, tools, interpreter)
         return Decoding(ids, options, max_new=token_budget(len(ids), options, self.context_window),
                         stop_token_ids=self.format.stop_token_ids, decode=self.decode, parse=self.format.parse,
@@ -87,6 +89,17 @@ class LocalBackend:
                interpreter: bool = False, cancel: threading.Event | None = None) -> Iterator[TextDelta | Done]:
         dec = self.begin(messages, options, tools=tools, interpreter=interpreter)
         yield from run_rows(self.open_rows(1), dec, cancel)
+
+    def max_token_chars(self) -> int:
+        """Characters of the vocabulary's longest token (byte-level tokens: its bytes), read once."""
+        longest = getattr(self, "_max_token_chars", None)
+        if longest is None:
+            try:
+                longest = max(map(len, self.tokenizer.get_vocab()), default=0) or FALLBACK_TOKEN_CHARS
+            except (AttributeError, NotImplementedError, TypeError):  # a tokenizer that can't list its vocabulary
+                longest = FALLBACK_TOKEN_CHARS
+            self._max_token_chars = longest
+        return longest
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
@@ -161,6 +174,34 @@ class Decoding:
             finish = "tool_calls"
         out.append(Done(message, finish, usage, raw_text=text))
         return out
+
+
+#: The longest token assumed for a tokenizer that can't list its vocabulary (tokens are rarely over 32).
+FALLBACK_TOKEN_CHARS = 128
+
+
+def prompt_chars(messages: list[Message], tools: list[dict[str, Any]] | None) -> int:
+    """Characters the prompt renders at least: the messages' text, their calls' and the tools' JSON."""
+    def compact(value: Any) -> int:
+        return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+    n = sum(len(m.content) + sum(compact(c.arguments) for c in m.tool_calls) for m in messages)
+    return n + (compact(tools) if tools else 0)
+
+
+def check_prompt_chars(messages: list[Message], tools: list[dict[str, Any]] | None, context_window: int | None,
+                       max_token_chars: int) -> None:
+    """Refuse, before tokenizing it, a prompt that cannot fit the context window: no token spans more
+    than `max_token_chars` characters, so more characters than the window times that cannot be fewer
+    tokens than the window (tokenizing 10 M tokens would take the caller's thread ~40 s)."""
+    if not context_window:
+        return
+    chars, most = prompt_chars(messages, tools), context_window * max_token_chars
+    if chars > most:
+        raise RequestError(
+            f"the prompt is {chars:,} characters, more than the model's context window of {context_window} tokens "
+            f"can hold (at most {most:,} characters at {max_token_chars} per token): shorten the conversation",
+            param="messages", code="context_length_exceeded")
 
 
 def token_budget(prompt_len: int, options: GenerationOptions, context_window: int | None) -> int:

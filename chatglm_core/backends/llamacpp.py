@@ -95,8 +95,7 @@ class LlamaCppBackend(LocalBackend):
         self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
         self.n_ctx = self.context_window * sequences
         self.n_batch = min(512, self.context_window)
-        # half the CPUs by default, for one-token steps as for prompts and batches: a spare core keeps
-        # threads that wait for each other from stalling on a busy machine (models.loader.cpu_threads)
+        # the physical cores by default, for one-token steps as for prompts and batches (models.loader.default_threads)
         threads = n_threads or default_threads()
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = self.n_ctx, self.n_batch, self.n_batch

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from chatglm_core.errors import ConfigError
+from chatglm_core.models.cpus import available_cpus, physical_cores
 from chatglm_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,25 +96,21 @@ def resolve_dtype(dtype: Any, device: str) -> Any:
 
 def cpu_count() -> int:
     """CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return len(available_cpus())
 
 
 def cpu_threads(settings: Settings) -> int:
-    """Threads for one model step on the CPU: CHATGLM_THREADS, else half the CPUs (llama.cpp's own
-    default). Threads of one step wait for each other at every operation; when another process
-    holds one of their cores (the code interpreter's kernel, a browser, a second request's
-    tokenizer), each such wait lasts a scheduler time slice: measured here on 2 cores with one
-    other busy process, a SmolLM2 step took 39 ms with 1 thread and 102-255 ms with 2 (quiet: the
-    same), and llama.cpp's 8 callers got 132 tok/s with 1 thread, 54 with 2 (quiet: 142 and 190)."""
+    """Threads for one model step on the CPU: CHATGLM_THREADS, else the physical cores this process
+    may use (`default_threads`)."""
     return settings.threads or default_threads()
 
 
 def default_threads() -> int:
-    """Half the CPUs (at least one): see cpu_threads."""
-    return max(1, cpu_count() // 2)
+    """The physical cores this process may use (`models.cpus`), llama.cpp's own default.
+
+    MEASURED_BELOW
+    """
+    return physical_cores()
 
 
 def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
