@@ -541,7 +541,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer runs and start-ups (a smoke run)")
     ap.add_argument("--data-dir", default=os.environ.get("CHATGLM_DATA_DIR", "data"))
-    ap.add_argument("--threads", type=int, help="CHATGLM_THREADS for every part (default: half the CPUs)")
+    ap.add_argument("--threads", type=int, help="CHATGLM_THREADS for every part (default: the physical cores)")
     ap.add_argument("--part", choices=["llamacpp", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:

@@ -231,7 +231,7 @@ def report(ours: Side, peer: Side, first_tokens: dict[str, list[float]]) -> None
     for s in (ours, peer):
         s.figures[ROWS[2]] = [pct(first_tokens.get(s.name, []), 0.5)]
         s.figures[ROWS[3]] = [pct(first_tokens.get(s.name, []), 0.95)]
-    print(f"\n| measure | ours (defaults) | llama-server (defaults, -np 8) | ratio (speed, ours/theirs) |")
+    print("\n| measure | ours (defaults) | llama-server (defaults, -np 8) | ratio (speed, ours/theirs) |")
     print("|---|---|---|---|")
     for row in ROWS[:7]:
         a, b = median(ours.figures.get(row, [])), median(peer.figures.get(row, []))
@@ -289,7 +289,8 @@ def main() -> None:
     with ExitStack() as stack:
         stack.enter_context(serving("our API server", ours_cmd, f"http://127.0.0.1:{ours_port}", env, "/health"))
         stack.enter_context(serving("llama-server", peer_cmd, f"http://127.0.0.1:{peer_port}", env, "/health"))
-        ours, peer = side("ours", f"http://127.0.0.1:{ours_port}"), side("llama-server", f"http://127.0.0.1:{peer_port}")
+        ours = side("ours", f"http://127.0.0.1:{ours_port}")
+        peer = side("llama-server", f"http://127.0.0.1:{peer_port}")
         for s in (ours, peer):  # warm-up: first-request costs (grammar compilers, page cache) are not the measure
             stream(s, [{"role": "user", "content": "Hi"}], 4)
             stream(s, [{"role": "user", "content": "Hi"}], 4, tools=TOOLS)

@@ -81,14 +81,27 @@ def test_the_openai_client_sees_openais_error_shape(capped):
 # --- the real model: a huge request beside a small one ----------------------------------------
 @pytest.fixture(scope="module")
 def real_server() -> Iterator[str]:
-    proc, url = start_server("--max-request-bytes", str(16 * 2**20))
+    # one thread per step: this measures stalls, not speed, and on a busy machine every step of a
+    # multi-threaded one waits for a core (see the README's CHATGLM_THREADS row)
+    proc, url = start_server("--max-request-bytes", str(16 * 2**20), "--threads", "1")
     yield url
     stop_server(proc)
 
 
-def big_beside_small(url: str, big_content_bytes: int) -> tuple[httpx.Response, float, float, str]:
-    """Send a huge one-message request, then (once its upload is under way) a one-line one.
-    Returns (the big one's response, its seconds, the small one's seconds, the small one's reply)."""
+def ask_small(url: str) -> tuple[float, str]:
+    """(seconds, reply) of a one-line question."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    t0 = time.perf_counter()
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of "
+                                                                                         "France?"}],
+                                       max_tokens=8, temperature=0)
+    return time.perf_counter() - t0, r.choices[0].message.content
+
+
+def big_beside_small(url: str, big_content_bytes: int) -> tuple[httpx.Response, float, float, str, float]:
+    """Send a huge one-message request, then (once its upload is under way) a one-line one. Returns
+    (the big one's response, its seconds, the small one's seconds and reply, the small one's seconds alone)."""
+    alone = min(ask_small(url)[0] for _ in range(2))  # warm: the first request pays one-time costs
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hello " * (big_content_bytes // 6)}],
                        "max_tokens": 8}).encode()
     box: dict = {}
@@ -102,31 +115,30 @@ def big_beside_small(url: str, big_content_bytes: int) -> tuple[httpx.Response, 
     t = threading.Thread(target=big)
     t.start()
     time.sleep(1.0)  # the big request is uploaded and in the server's hands
-    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-    t0 = time.perf_counter()
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of "
-                                                                                         "France?"}],
-                                       max_tokens=8, temperature=0)
-    small_s = time.perf_counter() - t0
+    small_s, reply = ask_small(url)
     t.join()
-    return box["big"], box["big_s"], small_s, r.choices[0].message.content
+    return box["big"], box["big_s"], small_s, reply, alone
+
+
+def assert_prompt(small_s: float, alone: float, reply: str) -> None:
+    # generous: parsing the big body holds the event loop a moment; tokenizing it held the model for 12 s+
+    assert "Paris" in reply
+    assert small_s < 2 * alone + 5, f"the small request took {small_s:.1f} s beside the big one, {alone:.1f} s alone"
 
 
 def test_a_prompt_that_cannot_fit_is_refused_before_tokenizing_and_stalls_nobody(real_server):
     # 12 MB of "Hello " is 2 M tokens: tokenized on the batch loop it held every other request ~12 s
-    big, big_s, small_s, reply = big_beside_small(real_server, 12 * 2**20)
+    big, big_s, small_s, reply, alone = big_beside_small(real_server, 12 * 2**20)
     assert big.status_code == 400, big.text[:500]
     error = big.json()["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     assert "characters" in error["message"] and "context window" in error["message"]
-    assert "Paris" in reply
-    assert small_s < 6.0, f"the small request waited {small_s:.1f} s beside the big one"
+    assert_prompt(small_s, alone, reply)
     assert big_s < 15.0, f"the big request took {big_s:.1f} s to be refused"
 
 
 def test_a_body_over_the_cap_beside_a_small_request(real_server):
-    big, big_s, small_s, reply = big_beside_small(real_server, 40 * 2**20)
+    big, big_s, small_s, reply, alone = big_beside_small(real_server, 40 * 2**20)
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-    assert "Paris" in reply
-    assert small_s < 6.0, f"the small request waited {small_s:.1f} s beside the big one"
+    assert_prompt(small_s, alone, reply)
     assert big_s < 15.0, f"the big request took {big_s:.1f} s to be refused"

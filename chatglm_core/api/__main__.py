@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"])
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--backend", choices=["auto", "transformers", "llamacpp", "remote"])
+    p.add_argument("--threads", type=int, help="CPU threads per model step (CHATGLM_THREADS; default: physical cores)")
     p.add_argument("--remote-base-url", help="proxy to another OpenAI-compatible engine")
     p.add_argument("--remote-model")
     p.add_argument("--data-dir", help="where caches and conversations live")
