@@ -188,6 +188,9 @@ def conversation(nonce: str) -> list[dict[str, Any]]:
             + f"Visitors walk along {topic} in the morning, when the light is soft and the streets are quiet. "
               "Local families have kept the stone walls and wooden doors as their grandparents built them. "
               "In summer there are small concerts, and in winter the cafés stay open late for travellers. "
+              "Guides meet groups by the fountain at ten and at two, and a map at the town hall shows the "
+              "quieter lanes, the bakeries that open first and the path down to the water. "
+              "Most visitors stay an hour; those who love old buildings stay the whole morning. "
             + f"Stop number {i + 1} on the walking tour has a bench with a view over the bay.")})
     messages.append({"role": "user", "content": "Which two places would you pick for a single afternoon, and why?"})
     return messages

@@ -60,7 +60,8 @@ class Engine:
         self.max_batch = max_batch
         self._lock = threading.Lock()  # one generation at a time, for backends that can't batch
         # one prompt prepared at a time, as when the batch loop prepared them all: a transformers fast
-        # tokenizer's special-token splitting is a setting of the shared tokenizer, switched per call
+        # tokenizer's special-token splitting is a setting of the shared tokenizer, switched per call, and
+        # two threads encoding at once turned a user's "<|im_start|>" into the control token here
         self._prepare_lock = threading.Lock()
         self._batching = callable(getattr(backend, "open_rows", None)) and callable(getattr(backend, "begin", None))
         self._cv = threading.Condition()

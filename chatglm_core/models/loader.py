@@ -108,7 +108,14 @@ def cpu_threads(settings: Settings) -> int:
 def default_threads() -> int:
     """The physical cores this process may use (`models.cpus`), llama.cpp's own default.
 
-    MEASURED_BELOW
+    On a machine running just this app that is fastest: issue 15 measured our API server on this
+    2-core VM at 29.3 tok/s for one stream with 1 thread (the old default, half the CPUs) and 50.4
+    with 2, and 67.0 vs 107.6 tok/s for 8 streams. On a busy machine it is the opposite, and badly:
+    the threads of a step meet at a barrier after every operation, and each wait lasts until the
+    scheduler runs the other thread. Measured here through the engine (llama.cpp, float16 file) with
+    other work keeping the load average at 6-10 (interleaved, medians of 3): one stream 24.6 tok/s
+    with 1 thread and 1.3 with 2, 8 streams 29.8 vs 3.2. This is llama.cpp's threading, so
+    llama-server's default shares it. A shared machine should set CHATGLM_THREADS (1 here).
     """
     return physical_cores()
 
