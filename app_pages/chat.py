@@ -15,4 +15,4 @@ generate |= flow.history_and_input(conv, MODE, placeholder="Message the model…
 if generate and engine is not None:
     messages = sidebar.system_messages(MODE) + conv.messages
     options = sidebar.generation_options()
-    run_turn(conv, lambda cancel: engine.stream(messages, options, cancel=cancel))
+    run_turn(conv, lambda cancel: engine.stream(messages, options, cancel=cancel, fit_context=True))

@@ -54,9 +54,11 @@ def truncate_after_last_user(conv: Conversation) -> bool:
     return False
 
 
-def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool) -> bool:
-    """Show the conversation and the chat box; True when a new user message was just added."""
-    show_history(conv.messages, mode=mode)
+def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool,
+                      busy: bool = False) -> bool:
+    """Show the conversation and the chat box; True when a new user message was just added.
+    `busy`: a turn is about to run (no Edit & re-run over a running cell)."""
+    show_history(conv.messages, mode=mode, context=state.context_view(conv), editable=not busy)
     prompt = st.chat_input(placeholder, disabled=not enabled, key=f"input_{mode}")
     if not prompt or not prompt.strip():
         return False

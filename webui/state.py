@@ -13,6 +13,7 @@ import uuid
 import streamlit as st
 
 from chatglm_core.engine import Engine
+from chatglm_core.messages import ContextTrimmed
 from chatglm_core.settings import Settings, load_settings
 from chatglm_core.store import Conversation, ConversationStore
 
@@ -108,3 +109,12 @@ def mark_stopped(message: object) -> None:
 def was_stopped(message: object) -> bool:
     """Whether the user stopped this reply (shown with a note; session-only)."""
     return id(message) in st.session_state.get("stopped", {})
+
+
+def set_context_view(conv: Conversation, notice: ContextTrimmed) -> None:
+    """What the model did not see of `conv` in its last turn (a ContextTrimmed; session-only)."""
+    st.session_state.setdefault("context_view", {})[conv.id] = notice
+
+
+def context_view(conv: Conversation) -> ContextTrimmed | None:
+    return st.session_state.get("context_view", {}).get(conv.id)
