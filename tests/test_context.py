@@ -168,3 +168,30 @@ def test_a_conversation_of_three_windows_goes_on_answering(window_512):
     with pytest.raises(RequestError) as e:
         engine.complete(history + [Message(U, "Hi")], options)
     assert e.value.code == "context_length_exceeded"
+
+
+def test_interpreter_output_is_capped_in_tokens_relative_to_the_window(small_backend):
+    """What the sandbox gives for print('x' * 5_000_000) (20,000 characters, ~5,300 tokens: more than a
+    4,096-token window) reaches the model as at most a quarter of the window."""
+    from conftest import ScriptedBackend
+
+    from chatglm_core.agent import run_agent
+    from chatglm_core.context import text_counter
+    from chatglm_core.messages import ToolResultEvent
+    from chatglm_core.sandbox_output import ExecResult
+    from tools.registry import ToolRegistry
+
+    class Sandbox:
+        def run(self, code, timeout=None):
+            return ExecResult("ok", "x" * 20_000)
+
+    backend = ScriptedBackend()
+    backend.tokenizer = small_backend.tokenizer  # the real tokenizer counts
+    backend.enqueue("```python\nprint('x' * 5_000_000)\n```", "Many x.")
+    counter = text_counter(small_backend)
+    assert counter("x" * 20_000) > 4096
+    events = list(run_agent(Engine(backend), [Message(U, "Print many x.")], registry=ToolRegistry(max_result_chars=10**6),
+                            sandbox=Sandbox(), fit_context=True))
+    (result,) = [e for e in events if isinstance(e, ToolResultEvent)]
+    assert counter(result.message.content) <= 1024 and "output truncated" in result.message.content
+    assert backend.calls[-1][-1].content == result.message.content  # what the model read
