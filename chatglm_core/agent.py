@@ -116,7 +116,8 @@ def run_agent(
                 continue
             yield ToolCallEvent(call)
             result = _run_call(call, registry, sandbox)
-            reply = Message(Role.TOOL, cap_result(result.content, engine.backend), tool_call_id=call.id, name=call.name, images=result.images)
+            reply = Message(Role.TOOL, cap_result(result.content, engine.backend), tool_call_id=call.id,
+                            name=call.name, images=result.images)
             convo.append(reply)
             yield ToolResultEvent(call, reply, result.ok)
         if manual:

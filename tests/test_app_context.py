@@ -7,12 +7,12 @@ from __future__ import annotations
 import threading
 import time
 
+from conftest import ScriptedBackend
 from test_app import app_env, bubbles, click_during_stream, fake_engine, new_app, on_page, send  # noqa: F401
 
 from chatglm_core.errors import GenerationError
 from chatglm_core.messages import Role
 from chatglm_core.store import ConversationStore
-from conftest import ScriptedBackend
 
 NOTICE = "The model no longer sees the"
 CUT = "Too long for the model's context window"

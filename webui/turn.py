@@ -37,8 +37,8 @@ from chatglm_core.messages import (
     NeedObservation,
     Role,
     TextDelta,
-    ToolCallEvent,
     ToolCall,
+    ToolCallEvent,
     ToolResultEvent,
 )
 from chatglm_core.store import Conversation
