@@ -66,19 +66,30 @@ def prompt_budget(context_window: int, max_new_tokens: int) -> int:
 
 def fit_messages(messages: list[Message], count: Callable[[list[Message]], int], budget: int) -> ContextFit:
     """`messages` cut to at most `budget` prompt tokens as `count` measures them (see the module doc)."""
-    tokens = count(messages)
-    if tokens <= budget:
-        return ContextFit(list(messages), tokens=tokens, budget=budget)
     head = messages[:1] if messages and messages[0].role is Role.SYSTEM else []
     body = messages[len(head):]
     starts = _turn_starts(body)
-    keep_from = _first_fitting_start(head, body, starts, count, budget)
-    kept = head + body[keep_from:]
-    fit = ContextFit(kept, left_out=list(body[:keep_from]), budget=budget)
-    if keep_from == starts[-1]:  # only the newest turn is left: it may still be too long
+    last = len(starts) - 1
+    if _probably_fits(messages, budget):  # the common case: one count of the whole prompt
+        tokens = count(messages)
+        if tokens <= budget:
+            return ContextFit(list(messages), tokens=tokens, budget=budget)
+        start: int | None = _first_fitting_start(head, body, starts, count, budget, 0, last)
+    else:
+        start = _gallop(head, body, starts, count, budget)
+        if start is None:
+            return ContextFit(list(messages), tokens=count(messages), budget=budget)
+    keep_from = starts[start]
+    fit = ContextFit(head + body[keep_from:], left_out=list(body[:keep_from]), budget=budget)
+    if start == last:  # only the newest turn is left: it may still be too long
         _cut_to_fit(fit, count)
     fit.tokens = count(fit.messages)
     return fit
+
+
+def _probably_fits(messages: list[Message], budget: int) -> bool:
+    # a token is rarely more than four characters of text: a longer conversation surely overflows
+    return sum(len(m.content) for m in messages) <= 4 * budget
 
 
 def _turn_starts(body: list[Message]) -> list[int]:
@@ -86,17 +97,43 @@ def _turn_starts(body: list[Message]) -> list[int]:
     return [0] + [i for i, m in enumerate(body) if i and m.role is Role.USER]
 
 
+def _fits(head: list[Message], body: list[Message], start: int, count: Callable[[list[Message]], int],
+          budget: int) -> bool:
+    return count(head + body[start:]) <= budget
+
+
+def _gallop(head: list[Message], body: list[Message], starts: list[int], count: Callable[[list[Message]], int],
+            budget: int) -> int | None:
+    """The earliest turn (index into `starts`) from which the rest fits, searching back from the newest
+    turn in doubling steps, so that in a very long conversation only prompts near the budget are
+    counted; None when everything fits."""
+    last = len(starts) - 1
+    if not _fits(head, body, starts[last], count, budget):
+        return last  # not even the newest turn: it is cut
+    ok, step = last, 1
+    while ok - step >= 0 and _fits(head, body, starts[ok - step], count, budget):
+        ok -= step
+        step *= 2
+    if ok == 0:
+        return None
+    if ok - step < 0:  # ran out of turns before one failed: is the whole conversation short enough?
+        if _fits(head, body, 0, count, budget):
+            return None
+        return _first_fitting_start(head, body, starts, count, budget, 0, ok)
+    return _first_fitting_start(head, body, starts, count, budget, ok - step, ok)
+
+
 def _first_fitting_start(head: list[Message], body: list[Message], starts: list[int],
-                         count: Callable[[list[Message]], int], budget: int) -> int:
-    """The earliest turn start from which the rest fits (bisection); the last start if none does."""
-    lo, hi = 1, len(starts) - 1  # starts[0] (everything) is known not to fit
-    while lo < hi:
+                         count: Callable[[list[Message]], int], budget: int, lo: int, hi: int) -> int:
+    """Bisection for the earliest start in starts[lo..hi] from which the rest fits, given that
+    starts[lo] does not and starts[hi] does (or is the last resort: the newest turn, cut)."""
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        if count(head + body[starts[mid]:]) <= budget:
+        if _fits(head, body, starts[mid], count, budget):
             hi = mid
         else:
-            lo = mid + 1
-    return starts[min(lo, len(starts) - 1)]
+            lo = mid
+    return hi
 
 
 def _cut_to_fit(fit: ContextFit, count: Callable[[list[Message]], int]) -> None:

@@ -59,6 +59,30 @@ def test_fit_messages_leaves_out_the_oldest_turns(name):
     assert all(m.content == words(n, f"{r.value[0]}{i}_") for i, (m, (r, n)) in enumerate(zip(messages, spec)))
 
 
+def test_fit_messages_keeps_the_most_turns_that_fit():
+    """Against brute force, on 300 random conversations (both searches: one count of the whole when
+    it is short, doubling steps back from the newest turn when it is long)."""
+    import random
+
+    rng = random.Random(18)
+    for _ in range(300):
+        roles = [U] + [rng.choice([U, A, A, T]) for _ in range(rng.randrange(0, 30))] + [U]
+        messages = ([Message(S, words(rng.randrange(1, 6)))] if rng.random() < 0.5 else []) + [
+            Message(r, words(rng.randrange(0, 40))) for r in roles]
+        budget = rng.randrange(10, 400)
+        fit = fit_messages(messages, count, budget)
+        head = 1 if messages[0].role is S else 0
+        starts = [head] + [i for i in range(head + 1, len(messages)) if messages[i].role is U]
+        fitting = [i for i in starts if count(messages[:head] + messages[i:]) <= budget]
+        expected = fitting[0] if fitting else starts[-1]
+        assert fit.left_out == messages[head:expected]
+        assert fit.messages[:head] == messages[:head]
+        if fitting:
+            assert fit.messages[head:] == messages[expected:] and not fit.cut and fit.tokens <= budget
+        else:  # the newest turn alone, its long messages cut (these short ones are left as they are)
+            assert [m.role for m in fit.messages[head:]] == [m.role for m in messages[expected:]]
+
+
 def test_a_newest_turn_too_big_is_cut_in_the_middle_with_a_marker():
     messages = convo((S, 3), (U, 10), (A, 10), (U, 400))
     big = messages[-1]
