@@ -308,7 +308,7 @@ def test_a_long_history_is_answered_with_a_note(small_backend, small_settings, m
     try:
         client = Client(app.local_url, verbose=False)
         long_turn = "the quick brown fox jumps over the lazy dog. " * 40
-        history = [{"role": r, "content": long_turn} for r in ("user", "assistant") * 3]
+        history = [{"role": r, "content": [{"type": "text", "text": long_turn}]} for r in ("user", "assistant") * 3]
         out, _ = client.predict("Hi", history, "", 0, 0.9, 4, api_name="/chat")
         notes = [h for h in out if (h.get("metadata") or {}).get("title") == CONTEXT_TITLE]
         assert len(notes) == 1 and "no longer sees the 6 earliest messages" in text_of(notes[0]["content"])
