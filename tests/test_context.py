@@ -220,3 +220,12 @@ def test_interpreter_output_is_capped_in_tokens_relative_to_the_window(small_bac
     (result,) = [e for e in events if isinstance(e, ToolResultEvent)]
     assert counter(result.message.content) <= 1024 and "output truncated" in result.message.content
     assert backend.calls[-1][-1].content == result.message.content  # what the model read
+
+
+def test_chat_with_a_history_longer_than_the_window_answers(window_512):
+    from chatglm_core.chat import chat
+
+    long_turn = "the quick brown fox jumps over the lazy dog. " * 40
+    history = [{"role": r, "content": long_turn} for r in ("user", "assistant") * 3]
+    response, new_history = chat("Hi", history, engine=window_512, max_new_tokens=4, temperature=0)
+    assert response.strip() and new_history[:6] == history and len(new_history) == 8  # the history stays whole
