@@ -35,10 +35,11 @@ def show_history(messages: list[Message], *, mode: str, context: ContextTrimmed 
     last_code = _last_code_call(messages) if mode == "interpreter" and editable else None
     answered = {m.tool_call_id for m in messages if m.role is Role.TOOL}
     left_out = _left_out(messages, context)
+    cut = {id(m) for m in context.cut} if context is not None else set()  # the context holds them: ids stay theirs
     for i, m in enumerate(messages):
         if m.role is not Role.SYSTEM:
             _show_message(m, last_code, answered)
-            if context is not None and any(m is c for c in context.cut):
+            if id(m) in cut:
                 st.caption(CUT_NOTE)
         if left_out and i == left_out[-1]:
             st.info(notice_text(len(left_out), 0, context.context_window)  # type: ignore[union-attr]
@@ -63,7 +64,8 @@ def _left_out(messages: list[Message], context: ContextTrimmed | None) -> list[i
     """Indexes of the messages the model no longer saw in its last turn."""
     if context is None:
         return []
-    return [i for i, m in enumerate(messages) if any(m is o for o in context.left_out)]
+    ids = {id(m) for m in context.left_out}
+    return [i for i, m in enumerate(messages) if id(m) in ids]
 
 
 def show_call(call: ToolCall, *, editable: bool = False, live: bool = False, ran: bool = True) -> Any:
