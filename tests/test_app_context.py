@@ -195,3 +195,18 @@ def test_an_edited_cell_with_huge_output_is_capped_in_tokens(app_env, fake_engin
     observation = at.session_state["conv_interpreter"].messages[2].content
     assert "output truncated" in observation and len(observation) // 4 + 1 <= 1024
     assert scripted.calls[-1][-1].content == observation
+
+
+def test_the_notice_goes_when_the_conversation_fits_again(app_env, fake_engine):
+    scripted = small_window(40)  # 32 "tokens" (words) for the prompt
+    fake_engine(scripted)
+    at = new_app()
+    scripted.enqueue("Long reply here.", "Trimmed.", "Short now.")
+    send(at, " ".join(f"word{i}" for i in range(20)))  # 20
+    send(at, "tell me more about all of that and then some more please")  # 20 + 3 + 12 = 35: the first turn leaves
+    assert len(scripted.calls[-1]) == 1 and any(NOTICE in i for i in infos(at))
+    conv = at.session_state["conv_chat"]
+    at.sidebar.text_area(key=f"edit_last_{conv.id}_{len(conv.messages)}").input("Hi")
+    at.sidebar.button(key="edit_regenerate").click().run()  # 20 + 3 + 1 = 24: everything fits again…
+    assert len(scripted.calls[-1]) == 3 and bubbles(at)[-1] == ("assistant", "Short now.")
+    assert not any(NOTICE in i for i in infos(at))  # …and the page no longer says otherwise

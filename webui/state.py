@@ -111,7 +111,7 @@ def was_stopped(message: object) -> bool:
     return id(message) in st.session_state.get("stopped", {})
 
 
-def set_context_view(conv: Conversation, notice: ContextTrimmed) -> None:
+def set_context_view(conv: Conversation, notice: ContextTrimmed | None) -> None:
     """What the model did not see of `conv` in its last turn (a ContextTrimmed; session-only)."""
     st.session_state.setdefault("context_view", {})[conv.id] = notice
 

@@ -146,6 +146,7 @@ class _LiveTurn:
         self.captions: dict[str, Any] = {}  # call id → its "Running code…" caption slot
         self.lock = threading.Lock()  # stop() runs on the next run's thread
         self.noticed = False
+        state.set_context_view(conv, None)  # until this turn's generation says otherwise, the model sees it all
 
     def consume(self, events: Iterator[Any]) -> NeedObservation | None:
         for ev in events:
