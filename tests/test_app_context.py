@@ -210,3 +210,16 @@ def test_the_notice_goes_when_the_conversation_fits_again(app_env, fake_engine):
     at.sidebar.button(key="edit_regenerate").click().run()  # 20 + 3 + 1 = 24: everything fits again…
     assert len(scripted.calls[-1]) == 3 and bubbles(at)[-1] == ("assistant", "Short now.")
     assert not any(NOTICE in i for i in infos(at))  # …and the page no longer says otherwise
+
+
+def test_after_a_refresh_the_page_still_says_what_the_model_does_not_see(app_env, fake_engine):
+    scripted = small_window(40)
+    fake_engine(scripted)
+    at = new_app()
+    scripted.enqueue("Long reply here.", "Trimmed.")
+    send(at, " ".join(f"word{i}" for i in range(20)))
+    send(at, "tell me more about all of that and then some more please")
+    assert any("the 2 earliest messages" in i for i in infos(at))
+    again = new_app(at.query_params["cid"])  # a refresh: a new session on the same browser id
+    assert len(bubbles(again)) == 4
+    assert any("the 2 earliest messages" in i for i in infos(again))
