@@ -88,7 +88,9 @@ def fit_messages(messages: list[Message], count: Callable[[list[Message]], int],
 
 
 def _probably_fits(messages: list[Message], budget: int) -> bool:
-    # a token is rarely more than four characters of text: a longer conversation surely overflows
+    # A token is seldom more than four characters of text, so a longer conversation is very likely
+    # too long: then search back from the newest turn instead of counting it all. Both searches
+    # give the same answer; this only picks the cheaper one.
     return sum(len(m.content) for m in messages) <= 4 * budget
 
 
@@ -152,7 +154,7 @@ def _cut_to_fit(fit: ContextFit, count: Callable[[list[Message]], int]) -> None:
         removed[i] = removed.get(i, 0) + int((tokens - fit.budget) * chars_per_token * 1.1) + 16
         fit.messages[i] = dataclasses.replace(originals[i], content=cut_middle(originals[i].content, removed[i],
                                                                                CUT_MARKER))
-        if originals[i] not in fit.cut:
+        if not any(originals[i] is c for c in fit.cut):
             fit.cut.append(originals[i])
 
 
