@@ -180,6 +180,13 @@ def test_many_wrong_passwords_lock_the_account_for_a_while(gate, app_env, engine
     assert "Too many failed logins" in at.error[0].value and only_the_login_form(at)
 
 
+def test_a_damaged_accounts_file_keeps_the_app_closed(gate, app_env, engine_builds):
+    (app_env / "users.json").write_text("{damaged")
+    at = new_app()
+    assert "users.json" in at.error[0].value and "chatglm_core.users add" in at.error[0].value
+    assert not at.chat_input and not at.text_input and engine_builds == []
+
+
 # --- `make run`'s preflight -----------------------------------------------------------------------
 def preflight(tmp_path: Path, address: str, **env: str) -> subprocess.CompletedProcess:
     import os

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from chatglm_core.store import ConversationStore
 PASSWORDS = {"alice": "alice's long password", "bob": "bob's long password"}
 
 
-def start_app(data: Path, log_path: Path, test_data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_app(data: Path, log_path: Path, test_data_dir: Path, address: str = "0.0.0.0") -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("MODEL_PATH", "CHATGLM_MODEL_PATH", "CHATGLM_TOOLS", "CHATGLM_BACKEND", "CHATGLM_GGUF_WEIGHTS",
@@ -37,7 +38,7 @@ def start_app(data: Path, log_path: Path, test_data_dir: Path) -> tuple[subproce
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "main.py", "--server.port", str(port), "--server.headless", "true",
-         "--server.address", "0.0.0.0"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--server.address", address], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + WAIT
     while True:
@@ -255,3 +256,38 @@ def test_on_0000_without_accounts_the_app_refuses(open_server, browsers):
     shot(driver, "accounts-refused")
     assert not kernels_started(proc, data) and not model_mapped(proc)
     assert "refuses to serve" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def local_server(tmp_path_factory, test_data_dir):
+    data = tmp_path_factory.mktemp("local-data")
+    log = tmp_path_factory.mktemp("local-log") / "streamlit.log"
+    proc, url = start_app(data, log, test_data_dir, address="127.0.0.1")
+    yield url, proc
+    stop_app(proc)
+
+
+def test_on_loopback_without_accounts_another_host_name_is_refused(local_server, tmp_path):
+    """DNS rebinding: a web site that points its own name at 127.0.0.1 must not drive the anonymous app."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    url, proc = local_server
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--host-resolver-rules=MAP rebind.test 127.0.0.1", f"--user-data-dir={tmp_path / 'rebind'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.set_page_load_timeout(WAIT)
+        driver.get(url.replace("127.0.0.1", "rebind.test"))
+        error = wait_for(driver, lambda d: idle(d) and css(d, '[data-testid="stAlertContentError"]'), "the refusal")
+        assert "rebind.test" in error[0].text and "CHATGLM_ALLOW_ANONYMOUS" in error[0].text
+        assert not css(driver, '[data-testid="stChatInputTextArea"]')
+        shot(driver, "accounts-rebinding-refused")
+        for same in (url, url.replace("127.0.0.1", "localhost")):  # the machine's own names: the app as before
+            driver.get(same)
+            wait_for(driver, chat_ready, f"the anonymous app at {same}")
+    finally:
+        driver.quit()

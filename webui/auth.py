@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import streamlit as st
 
+from chatglm_core.errors import ConfigError
 from chatglm_core.sessions import SessionStore
 from chatglm_core.throttle import LoginThrottle
 from chatglm_core.users import UserStore
@@ -104,7 +105,12 @@ def gate() -> None:
     settings = state.settings()
     address = st.get_option("server.address")
     providers = oidc_providers()
-    has_accounts = bool(users())
+    try:
+        has_accounts = bool(users())
+    except ConfigError as e:  # a damaged accounts file: closed, saying how to fix it, until it is fixed
+        _print_once(f"ChatGLM workbench refuses to serve: {e}")
+        st.error(str(e))
+        st.stop()
     problem = exposure_problem(address, has_accounts=has_accounts, has_provider=bool(providers),
                                allow_anonymous=settings.allow_anonymous)
     if problem:
@@ -112,6 +118,14 @@ def gate() -> None:
         st.error(problem)
         st.stop()
     if not has_accounts and not providers:
+        host = _request_host()
+        if not settings.allow_anonymous and host and not is_loopback(host):
+            # on loopback, a page on this machine reached under another name is a proxy or DNS rebinding
+            # (a web site pointing its own name at 127.0.0.1 to drive the app from the visitor's browser)
+            st.error(f"This app has no login and answers only to localhost / 127.0.0.1, not to {host!r}. "
+                     "To serve it under another name, add an account (`python -m chatglm_core.users add NAME`) "
+                     "or set CHATGLM_ALLOW_ANONYMOUS=1.")
+            st.stop()
         if not is_loopback(address):
             _print_once(f"WARNING: CHATGLM_ALLOW_ANONYMOUS is set: the app on {address or 'all interfaces'} "
                         "has no login; anyone who can reach it can use the model and run code.")
@@ -127,6 +141,15 @@ def gate() -> None:
     st.stop()
 
 
+def _request_host() -> str:
+    """The host name the browser used (the Host header, without the port); "" when there is none (tests)."""
+    host = st.context.headers.get("Host")
+    host = host.strip() if isinstance(host, str) else ""
+    if host.startswith("["):  # [::1]:8501
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def _cookie_name() -> str:
     # cookies are per host, not per port: two apps on one machine must not overwrite each other's
     return f"chatglm_session_{st.get_option('server.port')}"
@@ -136,8 +159,8 @@ def _current_owner() -> str | None:
     """The owner id this session is logged in as (checked again every run), or None."""
     if _oidc_logged_in():
         return "oidc:" + str(st.user.get("email") or st.user.get("sub"))
-    token = st.session_state.get(_TOKEN) or (None if st.session_state.get(_CLEAR_COOKIE)
-                                             else st.context.cookies.get(_cookie_name()))
+    cookie = None if st.session_state.get(_CLEAR_COOKIE) else st.context.cookies.get(_cookie_name())
+    token = st.session_state.get(_TOKEN) or (cookie if isinstance(cookie, str) else None)
     name = sessions().user_for(token, users().tag) if token else None
     if name is None:
         if st.session_state.get(_TOKEN):  # expired, or logged out / password changed elsewhere
@@ -236,7 +259,6 @@ def _throttle_keys(name: str) -> tuple[str, str]:
 
 def preflight(address: str | None) -> int:
     """`python -m webui.auth ADDRESS` (make run): 2 with the message when the app would refuse, else 0."""
-    from chatglm_core.errors import ConfigError
     from chatglm_core.settings import load_settings
 
     try:
