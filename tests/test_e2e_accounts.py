@@ -28,8 +28,9 @@ from chatglm_core.store import ConversationStore
 PASSWORDS = {"alice": "alice's long password", "bob": "bob's long password"}
 
 
-def start_app(data: Path, log_path: Path, test_data_dir: Path, address: str = "0.0.0.0") -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_app(data: Path, log_path: Path, test_data_dir: Path, address: str = "0.0.0.0", port: int | None = None,
+              extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("MODEL_PATH", "CHATGLM_MODEL_PATH", "CHATGLM_TOOLS", "CHATGLM_BACKEND", "CHATGLM_GGUF_WEIGHTS",
                         "CHATGLM_ALLOW_ANONYMOUS")}
@@ -38,7 +39,7 @@ def start_app(data: Path, log_path: Path, test_data_dir: Path, address: str = "0
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "main.py", "--server.port", str(port), "--server.headless", "true",
-         "--server.address", address], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+         "--server.address", address, *(extra or [])], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + WAIT
     while True:

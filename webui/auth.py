@@ -1,7 +1,8 @@
 """Who may use the app: the gate main.py runs before anything else, the login page, logout.
 
 - On loopback (the default, 127.0.0.1) with no accounts and no `st.login` provider: anonymous, as
-  before (conversations keyed by the browser id in the URL).
+  before (conversations keyed by the browser id in the URL), but only under this machine's own names
+  (localhost, 127.0.0.1): another Host is a proxy or a DNS-rebinding web page, and is refused.
 - On any other address with neither accounts nor a provider: the app refuses to serve (a message
   on the page and on stderr) unless CHATGLM_ALLOW_ANONYMOUS=1, which prints a warning instead.
 - With accounts (chatglm_core.users) or a provider (`[auth]` in .streamlit/secrets.toml): nothing
