@@ -225,16 +225,16 @@ def test_wrong_passwords_are_slowed_down(server, browsers):
     driver.get(url)
     for _ in range(5):  # the first five are free
         assert failed_login(driver, "alice", "guess") == "Wrong username or password."
-    for delay in (1, 2, 4):  # then a lockout after each, doubling
+    for delay in (1, 2, 4, 8):  # then a lockout after each, doubling
         message = failed_login(driver, "alice", "guess")
         assert message == f"Wrong username or password. Try again in {delay} s."
-        if delay < 4:
+        if delay < 8:
             time.sleep(delay + 0.2)
     # locked: even the right password is refused, for this name and (same client) for another one
     assert failed_login(driver, "alice", PASSWORDS["alice"]).startswith("Too many failed logins")
     assert failed_login(driver, "bob", PASSWORDS["bob"]).startswith("Too many failed logins")
     shot(driver, "accounts-locked")
-    time.sleep(4.2)
+    time.sleep(8.2)
     log_in_and_wait(driver, "alice")
 
 
