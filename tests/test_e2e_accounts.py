@@ -103,6 +103,17 @@ def model_mapped(proc: subprocess.Popen) -> bool:
 
 
 # --- page helpers ---------------------------------------------------------------------------------
+def settled(driver) -> bool:
+    """The script run has finished (pages without a title, unlike test_e2e_browser.idle)."""
+    app = css(driver, '[data-testid="stApp"]')
+    return bool(app) and app[0].get_attribute("data-test-script-state") == "notRunning"
+
+
+def alert(driver) -> str:
+    shown = css(driver, '[data-testid="stAlert"]')
+    return settled(driver) and bool(shown) and shown[0].text.strip()
+
+
 def login_form(driver) -> bool:
     return bool(idle(driver) and css(driver, 'input[aria-label="Username"]') and css(driver, 'input[aria-label="Password"]'))
 
@@ -149,8 +160,7 @@ def failed_login(driver, name: str, password: str) -> str:
     log_in(driver, name, password)
 
     def error(d):
-        errors = css(d, '[data-testid="stAlertContentError"]')
-        return ran(d) and login_form(d) and errors and errors[0].text.strip()
+        return ran(d) and login_form(d) and alert(d)
 
     return wait_for(driver, error, "a login error")
 
@@ -251,8 +261,8 @@ def test_on_0000_without_accounts_the_app_refuses(open_server, browsers):
     url, proc, data, log = open_server
     driver = browsers("refused")
     driver.get(url)
-    error = wait_for(driver, lambda d: idle(d) and css(d, '[data-testid="stAlertContentError"]'), "the refusal")
-    assert "CHATGLM_ALLOW_ANONYMOUS" in error[0].text and "chatglm_core.users add" in error[0].text
+    error = wait_for(driver, alert, "the refusal")
+    assert "CHATGLM_ALLOW_ANONYMOUS" in error and "chatglm_core.users add" in error
     assert not css(driver, '[data-testid="stChatInputTextArea"]') and not css(driver, "input")
     shot(driver, "accounts-refused")
     assert not kernels_started(proc, data) and not model_mapped(proc)
@@ -283,8 +293,8 @@ def test_on_loopback_without_accounts_another_host_name_is_refused(local_server,
     try:
         driver.set_page_load_timeout(WAIT)
         driver.get(url.replace("127.0.0.1", "rebind.test"))
-        error = wait_for(driver, lambda d: idle(d) and css(d, '[data-testid="stAlertContentError"]'), "the refusal")
-        assert "rebind.test" in error[0].text and "CHATGLM_ALLOW_ANONYMOUS" in error[0].text
+        error = wait_for(driver, alert, "the refusal")
+        assert "rebind.test" in error and "CHATGLM_ALLOW_ANONYMOUS" in error
         assert not css(driver, '[data-testid="stChatInputTextArea"]')
         shot(driver, "accounts-rebinding-refused")
         for same in (url, url.replace("127.0.0.1", "localhost")):  # the machine's own names: the app as before
