@@ -1,8 +1,8 @@
 """`st.login` against a small OpenID Connect provider on loopback, in headless Chromium.
 
 The provider (below, test-only) serves discovery, an authorization endpoint that logs in one person
-(carol@example.com) without asking, a token endpoint returning an RS256 id_token signed with Authlib's
-JOSE code, and its JWKS. Streamlit's own login code (Authlib as the client) does the rest: the app,
+(carol@example.com) without asking, a token endpoint returning an RS256 id_token signed with joserfc
+(Authlib's JOSE library), and its JWKS. Streamlit's own login code (Authlib as the client) does the rest: the app,
 with no accounts file, shows only the provider's login button; after the round trip the chat is
 Carol's (`oidc:carol@example.com` in the store), and Log out brings the login page back.
 """
@@ -30,21 +30,21 @@ EMAIL = "carol@example.com"
 
 class Provider:
     def __init__(self) -> None:
-        from authlib.jose import JsonWebKey
+        from joserfc.jwk import RSAKey
 
-        self.key = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "k1"})
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True)
         self.codes: dict[str, str] = {}  # code -> nonce
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def id_token(self, nonce: str) -> str:
-        from authlib.jose import jwt
+        from joserfc import jwt
 
         now = int(time.time())
         claims = {"iss": self.url, "sub": "carol-1", "aud": CLIENT_ID, "iat": now, "exp": now + 600,
                   "nonce": nonce, "email": EMAIL, "email_verified": True, "name": "Carol"}
-        return jwt.encode({"alg": "RS256", "kid": "k1"}, claims, self.key).decode()
+        return jwt.encode({"alg": "RS256", "kid": "k1"}, claims, self.key)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         provider = self
@@ -75,7 +75,7 @@ class Provider:
                                      "token_endpoint_auth_methods_supported": ["client_secret_basic",
                                                                                "client_secret_post"]})
                 elif path == "/jwks":
-                    self.reply(200, {"keys": [provider.key.as_dict(is_private=False)]})
+                    self.reply(200, {"keys": [provider.key.as_dict(private=False)]})
                 elif path == "/authorize" and q.get("client_id") == CLIENT_ID:
                     code = secrets.token_urlsafe(16)
                     provider.codes[code] = q.get("nonce", "")
