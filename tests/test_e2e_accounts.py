@@ -115,7 +115,8 @@ def alert(driver) -> str:
 
 
 def login_form(driver) -> bool:
-    return bool(idle(driver) and css(driver, 'input[aria-label="Username"]') and css(driver, 'input[aria-label="Password"]'))
+    return bool(idle(driver) and css(driver, 'input[aria-label="Username"]')
+                and css(driver, 'input[aria-label="Password"]'))
 
 
 def chat_ready(driver) -> bool:
@@ -182,7 +183,8 @@ def test_two_accounts_in_the_browser(server, browsers):
         wait_for(anon, login_form, f"the login form at {path}")
         buttons = css(anon, 'button:not([data-testid="stTextInput"] button)')  # not the password's eye
         assert [b.text.strip() for b in buttons] == ["Log in"]
-        assert not css(anon, '[data-testid="stChatInputTextArea"]') and not css(anon, '[data-testid="stSidebarNavLink"]')
+        assert not css(anon, '[data-testid="stChatInputTextArea"]')
+        assert not css(anon, '[data-testid="stSidebarNavLink"]')
     shot(anon, "accounts-login-form")
     assert not kernels_started(proc, data) and not model_mapped(proc)
 
