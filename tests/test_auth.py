@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,16 @@ def test_a_removed_account_is_logged_out_at_its_next_click(gate, app_env, engine
     at = log_in(new_app(), "alice", "correct horse")
     assert at.chat_input
     users.remove("alice")
+    at.run()
+    assert only_the_login_form(at) and "session has ended" in at.info[0].value
+
+
+def test_a_session_expires(gate, app_env, engine_builds, monkeypatch):
+    monkeypatch.setenv("CHATGLM_SESSION_HOURS", str(1 / 3600))  # one second
+    UserStore(app_env / "users.json").add("alice", "correct horse")
+    at = log_in(new_app(), "alice", "correct horse")
+    assert at.chat_input
+    time.sleep(1.2)
     at.run()
     assert only_the_login_form(at) and "session has ended" in at.info[0].value
 
