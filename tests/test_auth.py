@@ -170,6 +170,18 @@ def test_a_removed_account_is_logged_out_at_its_next_click(gate, app_env, engine
     assert only_the_login_form(at) and "session has ended" in at.info[0].value
 
 
+def test_when_the_last_account_goes_the_session_forgets_it(gate, app_env, engine_builds, scripted):
+    users = UserStore(app_env / "users.json")
+    users.add("alice", "correct horse")
+    at = log_in(new_app(), "alice", "correct horse")
+    scripted.enqueue("ok")
+    send(at, "alice's secret: MANGO")
+    users.remove("alice")  # loopback, no accounts left: anonymous again, as a new browser
+    at.run()
+    assert at.chat_input and bubbles(at) == [] and "auth_owner" not in at.session_state
+    assert "MANGO" not in str([b.label for b in at.sidebar.button])
+
+
 def test_a_session_expires(gate, app_env, engine_builds, monkeypatch):
     monkeypatch.setenv("CHATGLM_SESSION_HOURS", str(1 / 3600))  # one second
     UserStore(app_env / "users.json").add("alice", "correct horse")

@@ -130,7 +130,8 @@ def gate() -> None:
         if not is_loopback(address):
             _print_once(f"WARNING: CHATGLM_ALLOW_ANONYMOUS is set: the app on {address or 'all interfaces'} "
                         "has no login; anyone who can reach it can use the model and run code.")
-        st.session_state.pop(OWNER, None)
+        if OWNER in st.session_state:  # the last account was just removed: don't carry its state over
+            _forget_session()
         return
     owner = _current_owner()
     if owner:
