@@ -198,6 +198,8 @@ def test_two_accounts_in_the_browser(server, browsers):
     alice.refresh()
     wait_for(alice, lambda d: chat_ready(d) and messages(d) == shown, "alice's conversation after a refresh")
     assert not login_form(alice)
+    cookie = alice.get_cookie("chatglm_session_" + url.rsplit(":", 1)[1])
+    assert cookie["sameSite"] == "Strict" and cookie["value"] not in alice.current_url
     (conv,) = ConversationStore(data / "conversations.sqlite3").list("user:alice", "chat")
 
     # 3. bob, with alice's URL, her conversation's id or her account's id in the URL, sees none of it
@@ -228,6 +230,7 @@ def test_two_accounts_in_the_browser(server, browsers):
     # 5. log out: the login form, also after a refresh
     next(b for b in css(alice, "button") if b.text.strip().endswith("Log out")).click()
     wait_for(alice, login_form, "the login form after logging out")
+    wait_for(alice, lambda d: d.get_cookie(cookie["name"]) is None, "the session cookie to go")
     alice.refresh()
     wait_for(alice, login_form, "the login form after logging out and a refresh")
     alice2.refresh()  # her other browser has its own session: still logged in

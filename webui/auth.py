@@ -36,7 +36,8 @@ from webui import state
 OWNER = "auth_owner"  # st.session_state key: the logged-in account's owner id
 _TOKEN = "auth_token"  # this session's token (to re-check it each run and revoke it on logout)
 _SET_COOKIE = "auth_set_cookie"  # the token the browser still has to store
-_CLEAR_COOKIE = "auth_clear_cookie"
+_CLEAR_COOKIE = "auth_clear_cookie"  # logged out here: the cookie this connection came with is stale
+_CLEAR_NOW = "auth_clear_now"  # the browser still has to delete its cookie
 _printed: set[str] = set()  # messages already printed to stderr by this process
 
 
@@ -204,7 +205,7 @@ def _forget_session() -> None:
 
     stop_generation()  # a reply in flight ends here, kept under the account it belongs to
     st.session_state.clear()
-    st.session_state[_CLEAR_COOKIE] = True
+    st.session_state[_CLEAR_COOKIE] = st.session_state[_CLEAR_NOW] = True
 
 
 def _cookie_script(value: str, max_age: int) -> None:
@@ -216,7 +217,7 @@ def _cookie_script(value: str, max_age: int) -> None:
 # --- the login page ----------------------------------------------------------------------------
 def _login_page(providers: list[str | None]) -> None:
     st.title("ChatGLM Workbench")
-    if st.session_state.get(_CLEAR_COOKIE):
+    if st.session_state.pop(_CLEAR_NOW, False):  # once: later runs must not clear a newer tab's cookie
         with st.sidebar:
             _cookie_script("", 0)
     note = st.session_state.pop("auth_note", None)
@@ -255,7 +256,8 @@ def _try_login(name: str, password: str) -> None:
 
 
 def _throttle_keys(name: str) -> tuple[str, str]:
-    client = st.context.ip_address or "local"
+    ip = st.context.ip_address
+    client = ip if isinstance(ip, str) else "local"  # None on loopback
     return "user:" + name.strip().lower(), "client:" + client
 
 
