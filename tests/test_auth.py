@@ -233,3 +233,23 @@ def test_preflight_refuses_a_network_address_without_accounts(tmp_path):
     UserStore(tmp_path / "users.json").add("alice", "correct horse")
     r = preflight(tmp_path, "0.0.0.0")
     assert r.returncode == 0 and not r.stderr
+
+
+# --- the API server's key and the app's accounts -------------------------------------------------
+def test_the_api_key_and_the_app_accounts_are_independent(gate, app_env, engine_builds, scripted):
+    import httpx
+    from test_api import ThreadServer
+
+    from chatglm_core.api.app import create_app
+    from chatglm_core.engine import Engine
+    from chatglm_core.settings import load_settings
+
+    UserStore(app_env / "users.json").add("alice", "correct horse")
+    api = create_app(load_settings(data_dir=app_env, api_key="the api key"), Engine(scripted))
+    with ThreadServer(api) as served:
+        models = served.url + "/v1/models"
+        assert httpx.get(models, headers={"Authorization": "Bearer the api key"}).status_code == 200
+        assert httpx.get(models, headers={"Authorization": "Bearer correct horse"}).status_code == 401
+        assert httpx.get(models, auth=("alice", "correct horse")).status_code == 401
+    at = log_in(new_app(), "alice", "the api key")
+    assert "Wrong username or password" in at.error[0].value and only_the_login_form(at)
