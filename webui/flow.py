@@ -73,7 +73,7 @@ def _context_view(conv: Conversation, mode: str) -> ContextTrimmed | None:
     """What the model does not see of `conv`: its last turn's view (set by `turn`), else, after a
     refresh or for a reopened conversation, what it would see of the conversation now (its tools'
     descriptions not counted: an estimate a little on the kind side)."""
-    views = st.session_state.setdefault("context_view", {})
+    views = state.context_views()
     if conv.id not in views and conv.messages and (engine := state.loaded_engine()) is not None:
         try:
             fit = engine.fit(sidebar.system_messages(mode) + conv.messages, sidebar.generation_options(),

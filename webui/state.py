@@ -117,10 +117,10 @@ def was_stopped(message: object) -> bool:
     return id(message) in st.session_state.get("stopped", {})
 
 
+def context_views() -> dict[str, ContextTrimmed | None]:
+    """conversation id → what the model did not see of it in its last turn (session-only)."""
+    return st.session_state.setdefault("context_view", {})
+
+
 def set_context_view(conv: Conversation, notice: ContextTrimmed | None) -> None:
-    """What the model did not see of `conv` in its last turn (a ContextTrimmed; session-only)."""
-    st.session_state.setdefault("context_view", {})[conv.id] = notice
-
-
-def context_view(conv: Conversation) -> ContextTrimmed | None:
-    return st.session_state.get("context_view", {}).get(conv.id)
+    context_views()[conv.id] = notice
