@@ -8,6 +8,7 @@ output go through `st.code` (plain text by construction).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -18,7 +19,9 @@ from webui.markdown import to_markdown
 OBSERVATION_AVATAR = ":material/terminal:"
 
 
-def show_history(messages: list[Message], *, mode: str) -> None:
+def show_history(messages: list[Message], *, mode: str,
+                 after: Callable[[int, Message], None] | None = None) -> None:
+    """`after(i, message)`, when given, draws extra content inside each non-tool message's bubble."""
     last_code = _last_code_call(messages) if mode == "interpreter" else None
     for i, m in enumerate(messages):
         if m.role is Role.SYSTEM:
@@ -34,6 +37,8 @@ def show_history(messages: list[Message], *, mode: str) -> None:
                 st.caption(":material/stop_circle: stopped — the partial reply is kept")
             for call in m.tool_calls:
                 show_call(call, editable=call.id == last_code)
+            if after is not None:
+                after(i, m)
 
 
 def show_call(call: ToolCall, *, editable: bool = False) -> None:

@@ -6,6 +6,8 @@ the agent loop for tools and the interpreter).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
 
 from chatglm_core.messages import Message, Role
@@ -54,9 +56,12 @@ def truncate_after_last_user(conv: Conversation) -> bool:
     return False
 
 
-def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool) -> bool:
-    """Show the conversation and the chat box; True when a new user message was just added."""
-    show_history(conv.messages, mode=mode)
+def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool,
+                      after: Callable[[int, Message], None] | None = None) -> bool:
+    """Show the conversation and the chat box; True when a new user message was just added.
+
+    `after(i, message)` draws extra content in a message's bubble (the chat page's citations)."""
+    show_history(conv.messages, mode=mode, after=after)
     prompt = st.chat_input(placeholder, disabled=not enabled, key=f"input_{mode}")
     if not prompt or not prompt.strip():
         return False

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chatglm_core.errors import RequestError
 
@@ -32,6 +33,11 @@ class ParseLimits:
     max_unzipped: int = 300_000_000  # an Office file's parts, inflated
     timeout: float = 60.0  # seconds for one file
     memory_mb: int = 2048  # the child's address space
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ParseLimits:
+        return cls(max_bytes=settings.documents_max_bytes, max_pages=settings.documents_max_pages,
+                   max_chars=settings.documents_max_chars, timeout=settings.documents_timeout)
 
 
 @dataclass(frozen=True)
