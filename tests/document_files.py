@@ -43,7 +43,7 @@ def encrypted_pdf(path: Path) -> Path:
     return path
 
 
-def docx(path: Path, sections: dict[str, str]) -> Path:
+def docx(path: "Path | object", sections: dict[str, str]) -> Path:
     """A Word file: one Heading 1 and one paragraph per section, plus a small table at the end."""
     import docx as python_docx
 
@@ -55,7 +55,7 @@ def docx(path: Path, sections: dict[str, str]) -> Path:
     for r, row in enumerate([("fruit", "colour"), ("quince", "golden")]):
         for c, value in enumerate(row):
             table.cell(r, c).text = value
-    d.save(str(path))
+    d.save(path if not isinstance(path, Path) else str(path))
     return path
 
 
@@ -91,3 +91,46 @@ def zip_bomb(path: Path, inflated_bytes: int) -> Path:
         for _ in range(inflated_bytes // len(chunk)):
             part.write(chunk)
     return path
+
+
+def docx_bomb(path: Path, inflated_bytes: int) -> Path:
+    """A valid Word file whose document part inflates to `inflated_bytes` of paragraphs."""
+    import io
+
+    real = io.BytesIO()
+    docx(real, {"Title": "text"})
+    para = b"<w:p><w:r><w:t>" + b"a" * 200 + b"</w:t></w:r></w:p>"
+    with zipfile.ZipFile(real) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
+        for item in src.infolist():
+            if item.filename != "word/document.xml":
+                out.writestr(item, src.read(item))
+                continue
+            head, tail = src.read(item).split(b"<w:body>")
+            with out.open(item.filename, "w") as part:
+                part.write(head + b"<w:body>")
+                block = para * 5000
+                for _ in range(inflated_bytes // len(block)):
+                    part.write(block)
+                part.write(tail)
+    return path
+
+
+FILLER = [
+    "The road wound north between stone walls and orchards.",
+    "Rain came in from the west and the river rose a little.",
+    "Market stalls sold bread, cheese, wool and copper pots.",
+    "An old clock in the square struck each hour twice.",
+    "Children ran along the towpath chasing the barges.",
+    "The inn kept a fire lit in the long room until midnight.",
+]
+
+
+def long_pages(count: int, facts: dict[int, str], sentences_per_page: int = 30) -> list[str]:
+    """`count` pages of varied filler; page n (1-based) also states facts[n]."""
+    pages = []
+    for n in range(1, count + 1):
+        body = [FILLER[(n + i) % len(FILLER)] for i in range(sentences_per_page)]
+        if n in facts:
+            body.insert(sentences_per_page // 2, facts[n])
+        pages.append(f"Page {n}. " + " ".join(body))
+    return pages

@@ -34,8 +34,12 @@ def embedder():
     return Embedder(s.embedding_path, device=s.device)
 
 
-@st.cache_resource(show_spinner=False)
 def document_store() -> DocumentStore:
+    return _document_store(str(state.store().path))
+
+
+@st.cache_resource(show_spinner=False)
+def _document_store(path: str) -> DocumentStore:  # keyed by the file: the store's data dir can change
     return DocumentStore(state.store())
 
 
