@@ -93,7 +93,7 @@ def test_html_and_markdown_sections_drop_scripts(index, tmp_path):
 def test_chinese_text_lexical_search(index, tmp_path):
     (tmp_path / "lunyu.txt").write_text(LUNYU, encoding="gb18030")  # a GBK-family file, as Chinese tools write
     index.add(tmp_path / "lunyu.txt")
-    assert "学而" in lexical_tokens("学而时习之")
+    assert {"学", "学而", "时习"} <= set(lexical_tokens("学而时习之"))
     for query, expected in [("温故知新", "温故而知新"), ("三人行", "三人行"), ("有朋自远方来", "有朋自远方来")]:
         assert expected in index.search(query, k=1, mode="lexical")[0].text
         assert expected in index.search(query, k=1)[0].text

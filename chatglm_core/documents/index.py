@@ -1,6 +1,6 @@
 """`DocumentIndex`: a conversation's documents, searchable by BM25, by embeddings, or both fused.
 
-Lexical search is bm25s over `chunk.lexical_tokens` (jieba for Chinese); dense search is cosine
+Lexical search is bm25s over `chunk.lexical_tokens` (CJK: characters + bigrams); dense search is cosine
 similarity of the embedding model's normalised vectors (the embedded all-MiniLM-L6-v2, or
 ``EMBEDDING_PATH``). Hybrid ranks by reciprocal rank fusion (RRF, k=60: Cormack et al., 2009),
 which needs no tuning between the two scales of scores. Everything is kept in memory (a few
