@@ -188,6 +188,7 @@ CREATE TABLE IF NOT EXISTS documents (
     conversation_id TEXT NOT NULL,
     name TEXT NOT NULL,
     sections TEXT NOT NULL,
+    embedding TEXT NOT NULL,
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS documents_by_conversation ON documents (client_id, conversation_id);
@@ -239,21 +240,31 @@ class DocumentStore:
             db.executescript(_DOCUMENTS_SCHEMA)
 
     def add(self, client_id: str, conversation_id: str, name: str, sections: list[dict[str, Any]],
-            chunks: list[StoredChunk]) -> str:
+            chunks: list[StoredChunk], embedding: str) -> str:
+        """Store a document, its chunks and their vectors (made by the embedding model named `embedding`)."""
         doc_id = uuid.uuid4().hex
         with self.conversations._connect() as db:
-            db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)",
-                       (doc_id, client_id, conversation_id, name, json.dumps(sections, ensure_ascii=False), time.time()))
+            db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (doc_id, client_id, conversation_id, name, json.dumps(sections, ensure_ascii=False), embedding,
+                        time.time()))
             db.executemany("INSERT INTO document_chunks VALUES (?, ?, ?, ?, ?, ?)",
                            [(doc_id, i, c.text, c.page, c.section, c.vector) for i, c in enumerate(chunks)])
         return doc_id
 
-    def documents(self, client_id: str, conversation_id: str) -> list[tuple[str, str, list[dict[str, Any]]]]:
-        """(id, name, sections) of each document, oldest first."""
+    def documents(self, client_id: str, conversation_id: str) -> list[tuple[str, str, list[dict[str, Any]], str]]:
+        """(id, name, sections, embedding model) of each document, oldest first."""
         with self.conversations._connect() as db:
-            rows = db.execute("SELECT id, name, sections FROM documents WHERE client_id = ? AND conversation_id = ? "
-                              "ORDER BY created_at", (client_id, conversation_id)).fetchall()
-        return [(i, n, json.loads(s)) for i, n, s in rows]
+            rows = db.execute("SELECT id, name, sections, embedding FROM documents WHERE client_id = ? AND "
+                              "conversation_id = ? ORDER BY created_at", (client_id, conversation_id)).fetchall()
+        return [(i, n, json.loads(s), e) for i, n, s, e in rows]
+
+    def replace_vectors(self, client_id: str, document_id: str, vectors: list[bytes], embedding: str) -> None:
+        """New vectors for a document's chunks, in order (after the embedding model changed)."""
+        with self.conversations._connect() as db:
+            if db.execute("UPDATE documents SET embedding = ? WHERE id = ? AND client_id = ?",
+                          (embedding, document_id, client_id)).rowcount:
+                db.executemany("UPDATE document_chunks SET vector = ? WHERE document_id = ? AND ordinal = ?",
+                               [(v, document_id, i) for i, v in enumerate(vectors)])
 
     def chunks(self, client_id: str, document_id: str) -> list[StoredChunk]:
         with self.conversations._connect() as db:

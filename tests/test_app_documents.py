@@ -48,7 +48,7 @@ def new_app(cid: str | None = None) -> AppTest:
 
 
 def attach(at: AppTest, *files: tuple[str, bytes]) -> AppTest:
-    at.file_uploader[0].set_value([(name, data, "application/octet-stream") for name, data in files]).run()
+    at.main.file_uploader[0].set_value([(name, data, "application/octet-stream") for name, data in files]).run()
     assert not at.exception, at.exception
     return at
 

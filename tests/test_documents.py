@@ -222,3 +222,14 @@ def test_remove_one_document(index, tmp_path):
     index.remove(a.id)
     assert [d.name for d in index.documents] == ["b.pdf"]
     assert {p.source for p in index.search("lighthouse barley treaty", k=5)} == {"b.pdf"}
+
+
+def test_documents_are_re_embedded_when_the_embedding_model_changes(embedder, tmp_path):
+    from chatglm_core.api.embeddings import Embedder, default_model_dir
+
+    docs = DocumentStore(ConversationStore(tmp_path / "c.sqlite3"))
+    DocumentIndex(embedder, store=docs, client_id="c", conversation_id="v").add(make.pdf(tmp_path / "r.pdf", FACTS))
+    other = Embedder(str(default_model_dir()))  # as if EMBEDDING_PATH now named another folder
+    reopened = DocumentIndex(other, store=docs, client_id="c", conversation_id="v")
+    assert [row[3] for row in docs.documents("c", "v")] == [str(default_model_dir())]
+    assert reopened.search("treaty", k=1)[0].page == 3

@@ -36,8 +36,8 @@ def test_attach_a_pdf_ask_about_page_3_and_see_it_cited(server, browsers, tmp_pa
     wait_for(driver, lambda d: idle(d) and "attached chronicle.pdf" in page_text(d), "the PDF to be attached")
 
     send(driver, "Where was the treaty signed?", expect=2)
-    summaries = wait_for(driver, lambda d: [e for e in css(d, '[data-testid="stChatMessage"] [data-testid="stExpander"] summary')],
-                         "the citations under the reply")
+    citations = '[data-testid="stChatMessage"] [data-testid="stExpander"] summary'
+    summaries = wait_for(driver, lambda d: css(d, citations), "the citations under the reply")
     assert summaries[0].text.strip().endswith("[1] chronicle.pdf, page 3")
     assert "Documents: retrieval" in messages(driver)[1]
     summaries[0].click()
@@ -46,5 +46,6 @@ def test_attach_a_pdf_ask_about_page_3_and_see_it_cited(server, browsers, tmp_pa
     shot(driver, "documents-cited")
 
     driver.refresh()  # the document and its citation survive a refresh
-    wait_for(driver, lambda d: idle(d) and "[1] chronicle.pdf, page 3" in " ".join(messages(d)), "citations after refresh")
+    wait_for(driver, lambda d: idle(d) and "[1] chronicle.pdf, page 3" in " ".join(messages(d)),
+             "citations after refresh")
     assert "chronicle.pdf" in page_text(driver)

@@ -77,9 +77,23 @@ def read_pdf(path: Path, max_pages: int) -> list[Section]:
         for i in range(len(doc)):
             page = doc[i]
             text = page.get_textpage().get_text_range()
-            out.append({"text": text.replace("\r\n", "\n").replace("\r", "\n"), "page": i + 1, "section": None})
+            out.append({"text": unwrap(text.replace("\r\n", "\n").replace("\r", "\n")), "page": i + 1,
+                        "section": None})
             page.close()
     return out
+
+
+_WRAPPED = re.compile(r"(?<=[^\s.!?:;。！？：；])\n(?=[^\s\-•*\d])")
+_CJK_CHAR = re.compile(r"[\u3000-\u9fff\uff00-\uffef]")
+
+
+def unwrap(text: str) -> str:
+    """Join a PDF's line-wrapped sentences (a break after a word that ends no sentence, before more text)."""
+    def join(m: re.Match) -> str:
+        before, after = text[m.start() - 1], text[m.end()]
+        return "" if _CJK_CHAR.match(before) and _CJK_CHAR.match(after) else " "
+
+    return _WRAPPED.sub(join, text)
 
 
 def read_docx(path: Path, max_pages: int) -> list[Section]:
@@ -136,7 +150,8 @@ def read_csv(path: Path, max_pages: int) -> list[Section]:
     except csv.Error:
         dialect = csv.excel
     rows = csv.reader(io.StringIO(text), dialect)
-    return [{"text": "\n".join(" | ".join(r) for r in rows if any(c.strip() for c in r)), "page": None, "section": None}]
+    text = "\n".join(" | ".join(r) for r in rows if any(c.strip() for c in r))
+    return [{"text": text, "page": None, "section": None}]
 
 
 def read_html(path: Path, max_pages: int) -> list[Section]:

@@ -151,15 +151,26 @@ class DocumentIndex:
         from chatglm_core.store import StoredChunk
 
         stored = [StoredChunk(c.text, c.page, c.section, v.astype("<f4").tobytes()) for c, v in zip(chunks, vectors)]
-        return self.store.add(self.client_id, self.conversation_id, name, [asdict(s) for s in sections], stored)
+        return self.store.add(self.client_id, self.conversation_id, name, [asdict(s) for s in sections], stored,
+                              self._model_name)
 
     def _load(self) -> None:
-        for doc_id, name, sections in self.store.documents(self.client_id, self.conversation_id):
+        for doc_id, name, sections, model in self.store.documents(self.client_id, self.conversation_id):
             stored = self.store.chunks(self.client_id, doc_id)
             chunks = [Chunk(c.text, c.page, c.section) for c in stored]
-            vectors = np.stack([np.frombuffer(c.vector, dtype="<f4") for c in stored]) if stored else \
-                np.zeros((0, 0), dtype=np.float32)
+            if not stored:
+                continue
+            if model == self._model_name:
+                vectors = np.stack([np.frombuffer(c.vector, dtype="<f4") for c in stored])
+            else:  # indexed under another EMBEDDING_PATH: its vectors mean nothing to this model
+                vectors = self._embed([c.text for c in chunks])
+                self.store.replace_vectors(self.client_id, doc_id, [v.astype("<f4").tobytes() for v in vectors],
+                                           self._model_name)
             self._append(Document(doc_id, name, [Section(**s) for s in sections], len(chunks)), chunks, vectors)
+
+    @property
+    def _model_name(self) -> str:
+        return str(getattr(self.embedder, "path", None) or getattr(self.embedder, "name", ""))
 
 
 def _fuse(rankings: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
