@@ -102,12 +102,17 @@ def test_a_short_document_goes_in_whole(app_env, tmp_path):
 
 
 def test_bad_files_get_a_clear_error_and_the_session_goes_on(app_env, tmp_path):
-    at = attach(new_app(), ("scan.pdf", make.scanned_pdf(tmp_path / "scan.pdf").read_bytes()),
-                ("junk.docx", b"not a zip at all"), ("ok.txt", b"Pelicans nested on the southern cliffs."))
-    errors = [e.value for e in at.main.error]
-    assert any("scan.pdf" in e and "no text layer" in e for e in errors)
-    assert any("junk.docx" in e and "not a valid .docx" in e for e in errors)
+    from chatglm_core.store import ConversationStore
+
+    at = attach(new_app(), ("junk.docx", b"not a zip at all"))
+    assert any(e.value.startswith("Could not attach it. junk.docx: it is not a valid .docx") for e in at.main.error)
+    assert ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"]) == []  # nothing made
+    attach(at, ("scan.pdf", make.scanned_pdf(tmp_path / "scan.pdf").read_bytes()),
+           ("ok.txt", b"Pelicans nested on the southern cliffs."))
+    assert any("scan.pdf: the PDF has no text layer" in e.value for e in at.main.error)
     assert "attached ok.txt" in captions(at)
+    stored = ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"])
+    assert [c.title for c in stored] == ["ok.txt"]  # the conversation now exists: it owns the document
     ask(at, "Where did pelicans nest?")
     assert cited(at) == ["[1] ok.txt"]
     remove = next(b for b in at.main.button if b.key.startswith("rmdoc_"))

@@ -76,14 +76,17 @@ def panel(conv: Conversation) -> None:
 
 def _attach(conv: Conversation, index: DocumentIndex, files: list) -> None:
     notes = []
-    state.store().save(conv)  # the conversation must exist: it owns the documents (and deletes them)
     for f in files:
         with st.spinner(f"Reading {f.name}…"):
             try:
                 doc = _add(index, f.name, f.getvalue())
                 notes.append(f":material/check: attached {escape_md(doc.name)}: {doc.chunks} passages")
-            except ChatGLMError as e:  # a bad file is refused with the reason; the session goes on
-                notes.append(f"!Could not attach {escape_md(f.name)}: {e}")
+            except ChatGLMError as e:  # a bad file is refused with the reason (naming it); the session goes on
+                notes.append(f"!Could not attach it. {e}")
+    if index.documents and not conv.messages:
+        # the conversation must be stored: it owns its documents (deleting it deletes them)
+        conv.title = conv.title or index.documents[0].name
+        state.store().save(conv)
     st.session_state["docs_notes"] = notes
     st.session_state["docs_upload_n"] += 1  # a fresh uploader: the files are in the index now
     st.rerun()
