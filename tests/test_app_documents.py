@@ -105,7 +105,7 @@ def test_bad_files_get_a_clear_error_and_the_session_goes_on(app_env, tmp_path):
     from chatglm_core.store import ConversationStore
 
     at = attach(new_app(), ("junk.docx", b"not a zip at all"))
-    assert any(e.value.startswith("Could not attach it. junk.docx: it is not a valid .docx") for e in at.main.error)
+    assert any(e.value.startswith("Not attached. junk.docx: it is not a valid .docx") for e in at.main.error)
     assert ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"]) == []  # nothing made
     attach(at, ("scan.pdf", make.scanned_pdf(tmp_path / "scan.pdf").read_bytes()),
            ("ok.txt", b"Pelicans nested on the southern cliffs."))
@@ -119,3 +119,20 @@ def test_bad_files_get_a_clear_error_and_the_session_goes_on(app_env, tmp_path):
     remove.click().run()
     assert "**ok.txt** (" not in captions(at) and not [b for b in at.main.button if b.key.startswith("rmdoc_")]
     assert cited(at) == ["[1] ok.txt"]  # what the past reply was given stays shown
+
+
+def test_a_missing_embedding_model_is_a_clear_error_not_a_crash(app_env, monkeypatch, tmp_path):
+    from webui import attachments, state
+
+    monkeypatch.setenv("EMBEDDING_PATH", str(tmp_path / "no-such-model"))
+    state.settings.clear()
+    attachments.embedder.clear()
+    try:
+        at = attach(new_app(), ("notes.md", b"# Mill\n\nThe miller ground barley.\n"))
+        assert any(e.value.startswith("Not attached. notes.md: EMBEDDING_PATH") and "is not a folder" in e.value
+                   for e in at.main.error), [e.value for e in at.main.error]
+        ask(at, "Say hi.")  # the chat goes on without documents
+        assert [m.name for m in at.main.chat_message] == ["user", "assistant"]
+    finally:
+        state.settings.clear()
+        attachments.embedder.clear()

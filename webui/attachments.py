@@ -56,7 +56,11 @@ def index_for(conv: Conversation) -> DocumentIndex:
 # --- the panel ----------------------------------------------------------------------------------
 def panel(conv: Conversation) -> None:
     """The attached documents (each removable) and the uploader."""
-    index = index_for(conv)
+    try:
+        index = index_for(conv)
+    except ChatGLMError as e:  # e.g. re-embedding stored documents under a missing EMBEDDING_PATH
+        st.error(f"The attached documents could not be loaded: {e}")
+        return
     with st.container(border=True, key="documents"):
         for doc in index.documents:
             c1, c2 = st.columns([6, 1])
@@ -82,7 +86,8 @@ def _attach(conv: Conversation, index: DocumentIndex, files: list) -> None:
                 doc = _add(index, f.name, f.getvalue())
                 notes.append(f":material/check: attached {escape_md(doc.name)}: {doc.chunks} passages")
             except ChatGLMError as e:  # a bad file is refused with the reason (naming it); the session goes on
-                notes.append(f"!Could not attach it. {e}")
+                why = str(e) if f.name in str(e) else f"{f.name}: {e}"
+                notes.append(f"!Not attached. {why}")
     if index.documents and not conv.messages:
         # the conversation must be stored: it owns its documents (deleting it deletes them)
         conv.title = conv.title or index.documents[0].name
@@ -117,8 +122,12 @@ def prepare(conv: Conversation, engine: Engine, messages: list[Message], max_new
     budget = window - max_new_tokens - others - ANSWER_ROOM
     question = messages[last].content
     with st.spinner("Searching the documents…"):
-        context = build_context(index, question, budget_tokens=budget, count_tokens=count,
-                                k=state.settings().documents_top_k)
+        try:
+            context = build_context(index, question, budget_tokens=budget, count_tokens=count,
+                                    k=state.settings().documents_top_k)
+        except ChatGLMError as e:  # the embedding model failed: answer without the documents, and say so
+            st.warning(f"The documents could not be searched ({e}); this reply does not use them.")
+            return messages, None
     if context is None:
         return messages, None
     user_index = max(i for i, m in enumerate(conv.messages) if m.role is Role.USER)
