@@ -10,6 +10,7 @@ back for the same browser and conversation.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -115,7 +116,6 @@ class DocumentIndex:
             import bm25s
 
             self._bm25 = bm25s.BM25()
-            # create_empty_token: a chunk of stopwords only still gets a row
             self._bm25.index([lexical_tokens(c.text) for c, _, _ in self._chunks], show_progress=False)
         known = [t for t in tokens if t in self._bm25.vocab_dict]
         if not known:
@@ -147,7 +147,7 @@ class DocumentIndex:
 
     def _save(self, name: str, sections: list[Section], chunks: list[Chunk], vectors: np.ndarray) -> str:
         if self.store is None:
-            return f"mem-{len(self.documents)}-{name}"
+            return uuid.uuid4().hex
         from chatglm_core.store import StoredChunk
 
         stored = [StoredChunk(c.text, c.page, c.section, v.astype("<f4").tobytes()) for c, v in zip(chunks, vectors)]
