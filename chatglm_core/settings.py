@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     documents_timeout: float = Field(60.0, gt=0)  # seconds to parse one file (in a child process)
     documents_top_k: int = Field(5, ge=1)  # passages put in the prompt under retrieval
 
+    # --- the web app's accounts (chatglm_core.users, webui/auth.py) ---------------------------------
+    # serve a non-loopback address with no way to log in (otherwise the app refuses to)
+    allow_anonymous: bool = False
+    session_hours: float = Field(12.0, gt=0)  # a login lasts this long (then the login page again)
+    login_free_failures: int = Field(5, ge=1)  # failed logins per name / client before delays start
+
     @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
                      mode="before")
     @classmethod
