@@ -8,6 +8,7 @@ output go through `st.code` (plain text by construction).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
@@ -29,16 +30,17 @@ IMAGE_LINE = "[Image]"
 
 
 def show_history(messages: list[Message], *, mode: str, context: ContextTrimmed | None = None,
-                 editable: bool = True) -> None:
+                 editable: bool = True, after: Callable[[int, Message], None] | None = None) -> None:
     """The conversation as bubbles; `context` marks what the model no longer sees (its last turn's
-    view); `editable=False` hides Edit & re-run (while a cell runs)."""
+    view); `editable=False` hides Edit & re-run (while a cell runs); `after(i, message)`, when given,
+    draws extra content inside each non-tool message's bubble."""
     last_code = _last_code_call(messages) if mode == "interpreter" and editable else None
     answered = {m.tool_call_id for m in messages if m.role is Role.TOOL}
     left_out = _left_out(messages, context)
     cut = {id(m) for m in context.cut} if context is not None else set()  # the context holds them: ids stay theirs
     for i, m in enumerate(messages):
         if m.role is not Role.SYSTEM:
-            _show_message(m, last_code, answered)
+            _show_message(m, i, last_code, answered, after)
             if id(m) in cut:
                 st.caption(CUT_NOTE)
         if left_out and i == left_out[-1]:
@@ -46,7 +48,8 @@ def show_history(messages: list[Message], *, mode: str, context: ContextTrimmed 
                     + " They are the messages above this note.", icon=":material/visibility_off:")
 
 
-def _show_message(m: Message, last_code: str | None, answered: set[str | None]) -> None:
+def _show_message(m: Message, i: int, last_code: str | None, answered: set[str | None],
+                  after: Callable[[int, Message], None] | None) -> None:
     if m.role is Role.TOOL:
         with st.chat_message("observation", avatar=OBSERVATION_AVATAR):
             show_observation(m)
@@ -58,6 +61,8 @@ def _show_message(m: Message, last_code: str | None, answered: set[str | None]) 
             st.caption(":material/stop_circle: stopped — the partial reply is kept")
         for call in m.tool_calls:
             show_call(call, editable=call.id == last_code, ran=call.id in answered)
+        if after is not None:
+            after(i, m)
 
 
 def _left_out(messages: list[Message], context: ContextTrimmed | None) -> list[int]:

@@ -6,6 +6,8 @@ the agent loop for tools and the interpreter).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
 
 from chatglm_core.messages import ContextTrimmed, Message, Role
@@ -55,10 +57,12 @@ def truncate_after_last_user(conv: Conversation) -> bool:
 
 
 def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool,
-                      busy: bool = False) -> bool:
+                      busy: bool = False, after: Callable[[int, Message], None] | None = None) -> bool:
     """Show the conversation and the chat box; True when a new user message was just added.
-    `busy`: a turn is about to run (no Edit & re-run over a running cell)."""
-    show_history(conv.messages, mode=mode, context=_context_view(conv, mode), editable=not busy)
+
+    `busy`: a turn is about to run (no Edit & re-run over a running cell). `after(i, message)` draws
+    extra content in a message's bubble (the chat page's citations)."""
+    show_history(conv.messages, mode=mode, context=_context_view(conv, mode), editable=not busy, after=after)
     prompt = st.chat_input(placeholder, disabled=not enabled, key=f"input_{mode}")
     if not prompt or not prompt.strip():
         return False
