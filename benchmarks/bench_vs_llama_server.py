@@ -8,8 +8,9 @@ engine computes with by default (the embedded SmolLM2's cached float16 copy, `co
 ours is `python -m chatglm_core.api` with its defaults; llama-server runs with its defaults plus
 `-np 8` (8 slots, as our engine batches 8 rows), `-c` = 8 x our 4,096-token row (its default, the
 model's 8,192 tokens split over 8 slots, could not hold the 1.5k-token conversation twice over),
-`--no-repack` (llama.cpp's CPU weight repacking, which our backend does not use) and `-t` = our
-thread count. Both are driven by the official `openai` client, streaming, greedy:
+`--no-repack` (issue 14: repacked weights crash on AMX CPUs; llama.cpp repacks only quantized
+types, so it changes nothing for the float16 file) and `-t` = our thread count. Both are driven
+by the official `openai` client, streaming, greedy:
 
 1. one stream, 128 tokens: decode tokens/s after the first token;
 2. 8 streams at once: aggregate tokens/s (all completion tokens / wall time), first token p50/p95;

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # what llama.cpp computes a GGUF with: its own quantized weights ("native"), or the weights
     # converted once to bfloat16/float16 (cached); "auto" converts small models (see backends.llamacpp)
     gguf_weights: Literal["auto", "native", "bfloat16", "float16"] = "auto"
+    # llama.cpp's repacked ("extra") weight buffers: "auto" = off on CPUs with AMX, where they crash
+    # (backends.llamacpp.use_extra_buffers), on elsewhere; "on"/"off" force it
+    llama_repack: Literal["auto", "on", "off"] = "auto"
     # CPU threads for one model step; default the physical cores (see models.loader.default_threads)
     threads: int | None = Field(None, ge=1)
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;
@@ -92,6 +95,19 @@ class Settings(BaseSettings):
     model_aliases: str = "chatglm3-6b"  # comma-separated names the API also accepts for the served model
     # the largest request body the API reads (bytes); a bigger one gets a 413 before it is read
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+    # --- documents attached to a conversation (chatglm_core.documents) ------------------------
+    documents_max_bytes: int = Field(50_000_000, ge=1)  # one uploaded file
+    documents_max_pages: int = Field(2000, ge=1)  # PDF pages or slides
+    documents_max_chars: int = Field(5_000_000, ge=1)  # text extracted from one file
+    documents_timeout: float = Field(60.0, gt=0)  # seconds to parse one file (in a child process)
+    documents_top_k: int = Field(5, ge=1)  # passages put in the prompt under retrieval
+
+    # --- the web app's accounts (chatglm_core.users, webui/auth.py) ---------------------------------
+    # serve a non-loopback address with no way to log in (otherwise the app refuses to)
+    allow_anonymous: bool = False
+    session_hours: float = Field(12.0, gt=0)  # a login lasts this long (then the login page again)
+    login_free_failures: int = Field(5, ge=1)  # failed logins per name / client before delays start
 
     @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
                      mode="before")
