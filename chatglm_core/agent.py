@@ -56,8 +56,9 @@ def run_agent(
 
     tool_choice: "auto" (the model decides), "none" (no tools offered), "required" (the first
     reply must be a call) or {"name": tool} / {"function": {"name": tool}} (a call of that tool).
-    Forcing applies to the first generation only; later rounds are "auto", so the model can
-    answer with the results. A malformed call is answered with an observation saying what was
+    Forcing applies to the first generation of a turn only; later rounds are "auto", so the model
+    can answer with the results. A turn resumed after a manual observation is a later round too:
+    forcing it again would make the model call the same tool until the round limit. A malformed call is answered with an observation saying what was
     wrong, and counts as a round.
     """
     options = options or options_for(engine.backend)
@@ -66,7 +67,7 @@ def run_agent(
     later = Constraint("tool_call", tools=tuple(tools), auto=True) if tools else None
     convo = list(messages)
     rounds = _rounds_used(convo)
-    constraint = first
+    constraint = first if rounds == 0 else later
     while True:
         opts = dataclasses.replace(options, constraint=constraint) if tools else options
         constraint = later

@@ -155,6 +155,22 @@ def test_manual_tool_stops_and_resumes(backend, registry):
     assert resumed[-1].message.content == "We eat pizza at noon."
 
 
+@pytest.mark.parametrize("choice", ["required", {"name": "ask_colleague"}])
+def test_a_turn_resumed_after_a_manual_observation_is_not_forced_again(backend, registry, choice):
+    backend.enqueue(call("ask_colleague", '{"question": "when is the meeting?"}'))
+    history = [Message(Role.USER, "Ask my colleague what time the meeting is")]
+    events = run(backend, registry, history, tool_choice=choice)
+    need = events[-1]
+    assert isinstance(need, NeedObservation) and not backend.options[0].constraint.auto
+    history += [e.message for e in events if isinstance(e, Done)]
+    history.append(Message(Role.TOOL, "At 3 pm.", tool_call_id=need.call.id, name="ask_colleague"))
+    backend.enqueue("The meeting is at 3 pm.")
+    resumed = run(backend, registry, history, tool_choice=choice)
+    resumed_constraint = backend.options[1].constraint
+    assert resumed_constraint.auto and resumed_constraint.tool_name is None  # the model may answer now
+    assert resumed[-1].message.content == "The meeting is at 3 pm."
+
+
 def test_round_limit_stops_with_a_note(backend, registry):
     backend.enqueue(*[call("calculator", f'{{"expression": "{i}+1"}}') for i in range(3)])
     events = run(backend, registry, max_rounds=2)

@@ -12,7 +12,7 @@ import json
 import streamlit as st
 
 from chatglm_core.messages import INTERPRETER, Message, Role, ToolCall
-from webui import state
+from webui import reply_stats
 from webui.markdown import to_markdown
 
 OBSERVATION_AVATAR = ":material/terminal:"
@@ -30,8 +30,8 @@ def show_history(messages: list[Message], *, mode: str) -> None:
         with st.chat_message(m.role.value):
             if m.content or not m.tool_calls:
                 st.markdown(to_markdown(m.content) or "*(empty reply)*")
-            if state.was_stopped(m):
-                st.caption(":material/stop_circle: stopped — the partial reply is kept")
+            if m.role is Role.ASSISTANT:
+                reply_stats.show(m.meta)
             for call in m.tool_calls:
                 show_call(call, editable=call.id == last_code)
 

@@ -13,8 +13,16 @@ script touches an element, and this keeps a Stop prompt in every phase.
 
 With ``runner.fastReruns`` (Streamlit's default) the new run starts at once on a fresh thread
 while the old one is still unwinding, so the new run must not wait for that ``finally``: main.py
-calls `stop_generation()` first thing, which sets the in-flight turn's cancel event and marks its
-partial reply as stopped before the page draws the history.
+calls `stop_generation()` first thing, which sets the in-flight turn's cancel event, marks its
+partial reply as stopped and saves it before the page draws the history.
+
+A partial reply is saved however the run ends: by `stop()` (the next run or the Stop button), by
+the ``finally`` (when Streamlit raises StopException/RerunException in this thread), and every
+SAVE_EVERY_S while it streams, for a run Streamlit abandons (a closed tab) or a process that dies.
+Until the reply ends it is saved as "stopped", which is what it is if nothing more arrives.
+Each reply's end (stopped, cut by max new tokens) and its tokens and timings go into its
+`Message.meta` (see `webui.reply_stats`); timings are taken on the helper thread, when the
+events arrive, not when this thread gets round to drawing them.
 """
 
 from __future__ import annotations
@@ -38,11 +46,12 @@ from chatglm_core.messages import (
     ToolResultEvent,
 )
 from chatglm_core.store import Conversation
-from webui import state
+from webui import reply_stats, state
 from webui.bubbles import OBSERVATION_AVATAR, escape_md, show_call, show_observation
 from webui.markdown import to_markdown
 
 POLL_S = 0.25
+SAVE_EVERY_S = 1.0
 _END = object()
 
 
@@ -81,8 +90,8 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
 
 
 def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event,
-          stopped: threading.Event) -> Iterator[Any]:
-    """Yield events from a helper thread; yields None every POLL_S while nothing arrives.
+          stopped: threading.Event) -> Iterator[tuple[float, Any]]:
+    """Yield (arrival time, event) from a helper thread; (now, None) every POLL_S while nothing arrives.
 
     Once `stopped` is set the helper closes the events generator at its next event (within a
     token), which ends an agent loop and, through it, the engine's generation.
@@ -95,7 +104,7 @@ def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.
             for ev in gen:
                 if stopped.is_set():
                     break
-                box.put(ev)
+                box.put((time.monotonic(), ev))
         except BaseException as e:  # re-raised on the script thread
             box.put(e)
         finally:
@@ -107,15 +116,15 @@ def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.
     threading.Thread(target=work, name="webui-turn", daemon=True).start()
     while True:
         try:
-            ev = box.get(timeout=POLL_S)
+            item = box.get(timeout=POLL_S)
         except queue.Empty:
-            yield None
+            yield time.monotonic(), None
             continue
-        if ev is _END:
+        if item is _END:
             return
-        if isinstance(ev, BaseException):
-            raise ev
-        yield ev
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def stop_generation() -> None:
@@ -123,6 +132,7 @@ def stop_generation() -> None:
     live = st.session_state.get("inflight")
     if live is not None:
         live.stop()
+        state.save(live.conv)  # now: the run that streamed it may never get to its finally
 
 
 class _LiveTurn:
@@ -135,22 +145,27 @@ class _LiveTurn:
         self.bubble: Any = None
         self.waiting = st.empty()
         self.started = time.monotonic()
+        # the generation in progress: when it started, its first text, the pieces received
+        self.gen_started, self.first_at, self.last_at, self.pieces = self.started, None, self.started, 0
+        self.saved_at = self.started
 
-    def consume(self, events: Iterator[Any]) -> NeedObservation | None:
-        for ev in events:
+    def consume(self, events: Iterator[tuple[float, Any]]) -> NeedObservation | None:
+        for t, ev in events:
             if ev is None:
-                self.waiting.caption(f":material/hourglass_top: working… {time.monotonic() - self.started:.0f} s")
+                self.waiting.caption(f":material/hourglass_top: working… {t - self.started:.0f} s")
                 continue
             if isinstance(ev, TextDelta):
                 if self.partial is None:
                     self.waiting.empty()
-                self._text(ev.text)
+                self._text(ev.text, t)
             elif isinstance(ev, Done):
-                self._done(ev)
+                self._done(ev, t)
             elif isinstance(ev, ToolCallEvent):
                 self.waiting.caption(f":material/hourglass_top: running {escape_md(ev.call.name)}…")
             elif isinstance(ev, ToolResultEvent):
                 self._result(ev)
+                self.gen_started, self.first_at, self.pieces = t, None, 0  # the next generation starts now
+                self.last_at = t
             elif isinstance(ev, NeedObservation):
                 self.waiting.empty()
                 return ev
@@ -162,20 +177,41 @@ class _LiveTurn:
             self.bubble = st.chat_message("assistant")
         return self.bubble
 
-    def _text(self, text: str) -> None:
+    def _text(self, text: str, t: float) -> None:
         if self.stopped.is_set():
             return  # stopped: the partial reply is final
+        if self.first_at is None:
+            self.first_at = t
+        self.pieces, self.last_at = self.pieces + 1, t
         if self.partial is None:
-            self.partial = Message(Role.ASSISTANT, "")
+            self.partial = Message(Role.ASSISTANT, "", meta={"finish": "stopped"})  # until it ends otherwise
             self.conv.messages.append(self.partial)
             self.text_slot = self._assistant_bubble().empty()
         self.partial.content += text
+        if t - self.saved_at >= SAVE_EVERY_S:
+            self._partial_timing()
+            state.save(self.conv)
+            self.saved_at = t
         self.text_slot.markdown(to_markdown(self.partial.content) + " ▌")
 
-    def _done(self, ev: Done) -> None:
+    def _partial_timing(self) -> None:
+        """A partial reply's figures so far: the pieces received stand for its tokens."""
+        if self.partial is not None:
+            self.partial.meta.update(reply_stats.timing(tokens=self.pieces, started=self.gen_started,
+                                                        first=self.first_at, ended=self.last_at), tokens_approx=True)
+
+    def _done(self, ev: Done, t: float) -> None:
         if self.stopped.is_set():
             return  # stop() already settled the partial reply
         message = ev.message
+        finish = "stopped" if ev.finish_reason == "cancelled" else ev.finish_reason
+        tokens = ev.usage.completion_tokens
+        message.meta = {"finish": finish, **reply_stats.timing(tokens=tokens or self.pieces, started=self.gen_started,
+                                                               first=self.first_at, ended=t)}
+        if not tokens:
+            message.meta["tokens_approx"] = True  # a backend that does not count: the pieces received
+        if finish == "length":
+            message.meta["max_new_tokens"] = st.session_state.get("gen_max_new_tokens")
         if self.partial is not None:
             self.conv.messages[self.conv.messages.index(self.partial)] = message
         elif message.content or message.tool_calls or ev.finish_reason == "cancelled":
@@ -185,9 +221,7 @@ class _LiveTurn:
             self.text_slot.markdown(to_markdown(message.content))
         elif message.content:
             bubble.markdown(to_markdown(message.content))
-        if ev.finish_reason == "cancelled":
-            state.mark_stopped(message)
-            bubble.caption(":material/stop_circle: stopped — the partial reply is kept")
+        reply_stats.show(message.meta, bubble)
         if ev.parse_error:
             bubble.warning(f"The model's tool call could not be read: {ev.parse_error}")
         with bubble:
@@ -220,4 +254,5 @@ class _LiveTurn:
         elif stopped:
             partial.content = partial.content.rstrip()
             state.mark_stopped(partial)
+            self._partial_timing()
 
