@@ -240,7 +240,7 @@ def conversation_from_json(text: str | bytes, *, client_id: str, mode: str) -> C
         raise RequestError("expected a JSON object with a 'messages' list (the app's JSON export)")
     messages = [message_from_dict(d) for d in data["messages"]]
     title = data.get("title") if isinstance(data.get("title"), str) else ""
-    settings = _settings(data.get("settings") or {})
+    settings = _settings({} if data.get("settings") is None else data["settings"])
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise RequestError("'system' (the system prompt) must be a string")
