@@ -19,7 +19,7 @@ from webui import state
 from webui.bubbles import show_history
 from webui.turn import stop_generation
 
-UNDO = "undo_{mode}"
+UNDO = "undo_offer_{mode}"
 
 
 def act(mode: str, kind: str, *args: object) -> None:
