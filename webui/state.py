@@ -108,7 +108,3 @@ def save(conv: Conversation) -> None:
 def mark_stopped(message: Message) -> None:
     """The reply was cut (Stop, a click, a page switch): saved with it, shown under it."""
     message.meta["finish"] = "stopped"
-
-
-def was_stopped(message: Message) -> bool:
-    return message.meta.get("finish") == "stopped"
