@@ -58,8 +58,8 @@ def run_agent(
     reply must be a call) or {"name": tool} / {"function": {"name": tool}} (a call of that tool).
     Forcing applies to the first generation of a turn only; later rounds are "auto", so the model
     can answer with the results. A turn resumed after a manual observation is a later round too:
-    forcing it again would make the model call the same tool until the round limit. A malformed call is answered with an observation saying what was
-    wrong, and counts as a round.
+    forcing it again would make the model call the same tool until the round limit. A malformed
+    call is answered with an observation saying what was wrong, and counts as a round.
     """
     options = options or options_for(engine.backend)
     tools = registry.get_tools() if tool_choice != "none" else []

@@ -181,7 +181,8 @@ def _row_to_conversation(row: tuple) -> Conversation:
 def _settings(data: Any) -> dict[str, Any]:
     """The known settings of `data`, each of its type; raises RequestError naming a bad one."""
     if not isinstance(data, dict):
-        raise RequestError("'settings' must be an object: temperature, top_p, repetition_penalty, max_new_tokens, system")
+        raise RequestError("'settings' must be an object: temperature, top_p, repetition_penalty, "
+                           "max_new_tokens, system")
     out: dict[str, Any] = {}
     for key, kind in SETTING_TYPES.items():
         if key not in data or data[key] is None:

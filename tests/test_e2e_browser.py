@@ -157,8 +157,8 @@ def set_max_new_tokens(driver, n: int) -> None:
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(n), Keys.ENTER)
-    wait_for(driver, lambda d: idle(d) and css(d, '.st-key-gen_max_new_tokens input')[0].get_attribute("value") == str(n),
-             f"max tokens to be {n}")
+    value = lambda d: css(d, '.st-key-gen_max_new_tokens input')[0].get_attribute("value")  # noqa: E731
+    wait_for(driver, lambda d: idle(d) and value(d) == str(n), f"max tokens to be {n}")
 
 
 def choose(driver, key: str, option: str) -> None:

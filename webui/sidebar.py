@@ -120,8 +120,9 @@ def _history(mode: str, current: Conversation) -> None:
     if not past and not st.session_state.get(SEARCH_KEY.format(mode=mode)):
         return
     st.subheader("Conversations", divider="gray")
-    query = st.text_input("Search conversations", key=SEARCH_KEY.format(mode=mode), placeholder="Search titles and messages",
-                          label_visibility="collapsed", icon=":material/search:")
+    query = st.text_input("Search conversations", key=SEARCH_KEY.format(mode=mode),
+                          placeholder="Search titles and messages", label_visibility="collapsed",
+                          icon=":material/search:")
     if query.strip():
         past = store.search(cid, query, mode=mode)
         if not past:
