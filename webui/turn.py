@@ -46,7 +46,7 @@ from chatglm_core.messages import (
     ToolResultEvent,
 )
 from chatglm_core.store import Conversation
-from webui import reply_stats, state
+from webui import conv_settings, reply_stats, state
 from webui.bubbles import OBSERVATION_AVATAR, escape_md, show_call, show_observation
 from webui.markdown import to_markdown
 
@@ -73,15 +73,18 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
         finished = failed = True
         st.error(f"Generation failed: {e}")
     finally:
+        # Save before any st.* call: after a STOP request (fastReruns turns every click and page
+        # switch into one) each session-state access raises StopException again, which would
+        # skip the rest of this block.
         if not finished:
             live.stop()
-            if on_stop is not None:
-                on_stop()
         cancel.set()
+        live.close(stopped=not finished)
+        live.save()
+        if not finished and on_stop is not None:
+            on_stop()
         if st.session_state.get("inflight") is live:  # a newer run may have started its own turn
             del st.session_state["inflight"]
-        live.close(stopped=not finished)
-        state.save(conv)
     if failed:
         return None  # no rerun: it would wipe the error message
     if paused is None:
@@ -132,7 +135,7 @@ def stop_generation() -> None:
     live = st.session_state.get("inflight")
     if live is not None:
         live.stop()
-        state.save(live.conv)  # now: the run that streamed it may never get to its finally
+        live.save()  # now: the run that streamed it may never get to its finally
 
 
 class _LiveTurn:
@@ -148,6 +151,10 @@ class _LiveTurn:
         # the generation in progress: when it started, its first text, the pieces received
         self.gen_started, self.first_at, self.last_at, self.pieces = self.started, None, self.started, 0
         self.saved_at = self.started
+        # taken now: the saves below must not touch st.session_state (see run_turn's finally)
+        self.store = state.store()
+        self.settings = conv_settings.snapshot(conv.mode)
+        self.max_new_tokens = st.session_state.get("gen_max_new_tokens")
 
     def consume(self, events: Iterator[tuple[float, Any]]) -> NeedObservation | None:
         for t, ev in events:
@@ -190,7 +197,7 @@ class _LiveTurn:
         self.partial.content += text
         if t - self.saved_at >= SAVE_EVERY_S:
             self._partial_timing()
-            state.save(self.conv)
+            self.save()
             self.saved_at = t
         self.text_slot.markdown(to_markdown(self.partial.content) + " ▌")
 
@@ -211,7 +218,7 @@ class _LiveTurn:
         if not tokens:
             message.meta["tokens_approx"] = True  # a backend that does not count: the pieces received
         if finish == "length":
-            message.meta["max_new_tokens"] = st.session_state.get("gen_max_new_tokens")
+            message.meta["max_new_tokens"] = self.max_new_tokens
         if self.partial is not None:
             self.conv.messages[self.conv.messages.index(self.partial)] = message
         elif message.content or message.tool_calls or ev.finish_reason == "cancelled":
@@ -237,6 +244,12 @@ class _LiveTurn:
             show_observation(ev.message)
             if not ev.ok:
                 st.caption("the tool reported an error; the model sees it as the result")
+
+    def save(self) -> None:
+        """Persist the conversation with the turn's settings; no st.* call, so safe in any thread or unwinding."""
+        if self.conv.messages and not self.conv.discarded:
+            self.conv.settings = {**self.conv.settings, **self.settings}
+            self.store.save(self.conv)
 
     def stop(self) -> None:
         """Called from the next run (or the Stop button's callback): no element updates here."""
