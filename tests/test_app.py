@@ -563,6 +563,37 @@ def test_a_partial_reply_is_in_the_store_while_it_streams(app_env, fake_engine):
     assert not errors, errors
 
 
+def test_a_reply_cut_by_a_stop_request_is_saved_with_its_stopped_state(app_env, fake_engine):
+    # With runner.fastReruns (the default) a page switch or any click during a reply sends the running
+    # script a STOP request; from then on every session-state access in that run raises StopException.
+    from streamlit.runtime.scriptrunner_utils.script_run_context_attr import SCRIPT_RUN_CONTEXT_ATTR_NAME
+
+    backend = SlowBackend(words=400, delay=0.02)
+    fake_engine(backend)
+    at = new_app()
+
+    def stop_request() -> None:
+        while backend.sent < 5:
+            time.sleep(0.01)
+        for t in threading.enumerate():
+            ctx = getattr(t, SCRIPT_RUN_CONTEXT_ATTR_NAME, None)
+            if ctx is not None and ctx.script_requests is not None:
+                ctx.script_requests.request_stop()
+                return
+
+    stopper = threading.Thread(target=stop_request, daemon=True)
+    stopper.start()
+    at.chat_input(key="input_chat").set_value("Count for me.").run()
+    stopper.join(5)
+    assert backend.cancelled.wait(5), "the engine never saw the cancel event"
+    saved = ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"], "chat")[0].messages
+    assert [m.role for m in saved] == [Role.USER, Role.ASSISTANT]
+    assert saved[1].content.startswith("w0 w1 w2 w3 w4") and saved[1].meta["finish"] == "stopped"
+    again = new_app(at.query_params["cid"])  # a refresh shows it, stopped
+    assert bubbles(again)[1] == ("assistant", saved[1].content)
+    assert any("stopped" in c.value for c in again.main.caption)
+
+
 def test_a_pending_manual_observation_survives_a_refresh(app_env, fake_engine, scripted):
     needs("chatglm_core.agent", "tools")
     call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
