@@ -163,9 +163,10 @@ def set_max_new_tokens(driver, n: int) -> None:
 
 def choose(driver, key: str, option: str) -> None:
     """Pick `option` in the selectbox with widget key `key`."""
-    css(driver, f'.st-key-{key} [data-baseweb="select"]')[0].click()
+    css(driver, f'.st-key-{key} input[role="combobox"]')[0].click()
     wait_for(driver, lambda d: next(o for o in css(d, '[role="option"]') if o.text.strip() == option), option).click()
-    wait_for(driver, lambda d: idle(d) and option in css(d, f'.st-key-{key}')[0].text, f"{option} chosen")
+    wait_for(driver, lambda d: idle(d) and css(d, f'.st-key-{key} input')[0].get_attribute("value") == option,
+             f"{option} chosen")
 
 
 def shot(driver, name: str) -> None:

@@ -30,10 +30,10 @@ def show_history(messages: list[Message], *, mode: str) -> None:
         with st.chat_message(m.role.value):
             if m.content or not m.tool_calls:
                 st.markdown(to_markdown(m.content) or "*(empty reply)*")
-            if m.role is Role.ASSISTANT:
-                reply_stats.show(m.meta)
             for call in m.tool_calls:
                 show_call(call, editable=call.id == last_code)
+            if m.role is Role.ASSISTANT:
+                reply_stats.show(m.meta)
 
 
 def show_call(call: ToolCall, *, editable: bool = False) -> None:

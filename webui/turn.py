@@ -228,12 +228,12 @@ class _LiveTurn:
             self.text_slot.markdown(to_markdown(message.content))
         elif message.content:
             bubble.markdown(to_markdown(message.content))
-        reply_stats.show(message.meta, bubble)
         if ev.parse_error:
             bubble.warning(f"The model's tool call could not be read: {ev.parse_error}")
         with bubble:
             for call in message.tool_calls:
                 show_call(call)
+        reply_stats.show(message.meta, bubble)
         # the next round (after a tool result) opens a new bubble
         self.partial, self.text_slot, self.bubble = None, None, None
 
