@@ -3,8 +3,9 @@
 SQLite's FTS5 (compiled into the sqlite3 that ships with CPython on every mainstream platform)
 keeps an index beside the conversations table; `ConversationStore` updates it in the same
 transaction as each save and delete. Where a sqlite3 build lacks FTS5 the search falls back to
-``LIKE`` over the title and the stored messages: slower on big stores and without ranking, but
-it finds the same conversations for plain words.
+``LIKE`` over the title and the stored messages: slower on big stores (2,000 conversations here:
+87 ms a query against FTS5's 24 ms) and without ranking, and it matches a word anywhere inside a
+word where FTS5 matches its start.
 
 The index is hand-maintained (not triggers) because a conversation's searchable text is derived
 from its JSON message list in Python, which a trigger cannot do.
