@@ -94,6 +94,12 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     model_aliases: str = "chatglm3-6b"  # comma-separated names the API also accepts for the served model
 
+    # --- the web app's accounts (chatglm_core.users, webui/auth.py) ---------------------------------
+    # serve a non-loopback address with no way to log in (otherwise the app refuses to)
+    allow_anonymous: bool = False
+    session_hours: float = Field(12.0, gt=0)  # a login lasts this long (then the login page again)
+    login_free_failures: int = Field(5, ge=1)  # failed logins per name / client before delays start
+
     @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
                      mode="before")
     @classmethod

@@ -71,7 +71,13 @@ def store() -> ConversationStore:
 
 # --- this browser -------------------------------------------------------------------------------
 def client_id() -> str:
-    """The browser's id: from this session, else the URL, else new; always written back to the URL."""
+    """The browser's id: from this session, else the URL, else new; always written back to the URL.
+
+    Logged in (webui/auth.py), it is the account's id instead ("user:NAME", never a URL's hex id), so
+    conversations and the code interpreter's kernel belong to the account."""
+    owner = st.session_state.get("auth_owner")
+    if owner:
+        return owner
     cid = st.session_state.get("client_id")
     if not cid:
         from_url = st.query_params.get("cid", "")
