@@ -15,8 +15,9 @@ import streamlit as st
 
 from chatglm_core.messages import Message, Role
 from chatglm_core.store import Conversation
-from webui import state
+from webui import auth, state
 from webui.bubbles import show_history
+from webui.markdown import to_markdown
 from webui.turn import stop_generation
 
 UNDO = "undo_offer_{mode}"
@@ -24,6 +25,8 @@ UNDO = "undo_offer_{mode}"
 
 def act(mode: str, kind: str, *args: object) -> None:
     """A sidebar button's callback: apply `kind` now, or leave it for the page (retry, edit)."""
+    if not auth.may_act():
+        return  # the login ended: the gate shows the login page in this run
     stop_generation()  # a click while a reply streams stops it first, its partial reply saved
     if kind in ("regenerate", "edit"):
         st.session_state[f"action_{mode}"] = (kind, *args)
@@ -56,12 +59,11 @@ def _discard(mode: str, conv: Conversation, *, current: bool) -> None:
 
 
 def _undo(offer: object) -> Conversation | None:
-    """Save the deleted conversation back (same id, same place in the list); the current one if it was."""
+    """Save the deleted conversation back (same id); it is the current one again if it was."""
     conv, was_current = offer  # type: ignore[misc]
     conv.discarded = False
     state.store().save(conv)
     return conv if was_current else None
-from webui.markdown import to_markdown
 
 
 def apply_action(mode: str) -> tuple[Conversation, bool]:

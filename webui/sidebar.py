@@ -18,7 +18,7 @@ from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
 from chatglm_core.messages import Message, Role
 from chatglm_core.store import Conversation, conversation_from_json, conversation_to_json, conversation_to_markdown
-from webui import conv_settings, flow, reply_stats, state
+from webui import auth, conv_settings, flow, reply_stats, state
 from webui.bubbles import escape_md
 from webui.turn import stop_generation
 
@@ -152,7 +152,7 @@ def _export_import(mode: str, conv: Conversation) -> None:
 
 def _import(mode: str) -> None:
     upload = st.session_state.get(f"import_{mode}")
-    if upload is None:
+    if upload is None or not auth.may_act():
         return
     try:
         conv = conversation_from_json(upload.getvalue(), client_id=state.client_id(), mode=mode)
