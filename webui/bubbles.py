@@ -8,6 +8,7 @@ output go through `st.code` (plain text by construction).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import streamlit as st
 
@@ -18,7 +19,9 @@ from webui.markdown import to_markdown
 OBSERVATION_AVATAR = ":material/terminal:"
 
 
-def show_history(messages: list[Message], *, mode: str) -> None:
+def show_history(messages: list[Message], *, mode: str,
+                 after: Callable[[int, Message], None] | None = None) -> None:
+    """`after(i, message)`, when given, draws extra content inside each non-tool message's bubble."""
     last_code = _last_code_call(messages) if mode == "interpreter" else None
     for i, m in enumerate(messages):
         if m.role is Role.SYSTEM:
@@ -32,6 +35,8 @@ def show_history(messages: list[Message], *, mode: str) -> None:
                 st.markdown(to_markdown(m.content) or "*(empty reply)*")
             for call in m.tool_calls:
                 show_call(call, editable=call.id == last_code)
+            if after is not None:
+                after(i, m)
             if m.role is Role.ASSISTANT:
                 reply_stats.show(m.meta)
 

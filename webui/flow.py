@@ -11,6 +11,8 @@ leave an action that `apply_action` picks up. Clear and delete keep the conversa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
 
 from chatglm_core.messages import Message, Role
@@ -92,9 +94,12 @@ def truncate_after_last_user(conv: Conversation) -> bool:
     return False
 
 
-def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool) -> bool:
-    """Show the conversation and the chat box; True when a new user message was just added."""
-    show_history(conv.messages, mode=mode)
+def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool,
+                      after: Callable[[int, Message], None] | None = None) -> bool:
+    """Show the conversation and the chat box; True when a new user message was just added.
+
+    `after(i, message)` draws extra content in a message's bubble (the chat page's citations)."""
+    show_history(conv.messages, mode=mode, after=after)
     prompt = st.chat_input(placeholder, disabled=not enabled, key=f"input_{mode}")
     if not prompt or not prompt.strip():
         return False
