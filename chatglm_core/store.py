@@ -45,8 +45,9 @@ CREATE INDEX IF NOT EXISTS conversations_by_client ON conversations (client_id, 
 _ADDED_COLUMNS = (
     ("settings", "TEXT NOT NULL DEFAULT '{}'"),
     ("pending", "TEXT NOT NULL DEFAULT ''"),
+    ("deleted_at", "REAL"),  # set by trash(): hidden, deleted for good by purge() (undo until then)
 )
-_COLUMNS = "id, client_id, mode, title, messages, created_at, updated_at, settings, pending"
+_COLUMNS = "id, client_id, mode, title, messages, created_at, updated_at, settings, pending, deleted_at"
 
 #: The generation settings a conversation keeps, with their types (the system prompt is "system").
 SETTING_TYPES: dict[str, type] = {"temperature": float, "top_p": float, "repetition_penalty": float,
@@ -128,13 +129,13 @@ class ConversationStore:
 
     def get(self, client_id: str, conv_id: str) -> Conversation | None:
         with self._connect() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM conversations WHERE id = ? AND client_id = ?",
-                             (conv_id, client_id)).fetchone()
+            row = db.execute(f"SELECT {_COLUMNS} FROM conversations WHERE id = ? AND client_id = ? "
+                             "AND deleted_at IS NULL", (conv_id, client_id)).fetchone()
         return _row_to_conversation(row) if row else None
 
     def list(self, client_id: str, mode: str | None = None, limit: int = 50) -> list[Conversation]:
         """Newest first."""
-        sql = f"SELECT {_COLUMNS} FROM conversations WHERE client_id = ?"
+        sql = f"SELECT {_COLUMNS} FROM conversations WHERE client_id = ? AND deleted_at IS NULL"
         args: list[Any] = [client_id]
         if mode is not None:
             sql += " AND mode = ?"
@@ -151,6 +152,31 @@ class ConversationStore:
                 store_search.unindex(db, conv_id)
         return cur.rowcount > 0
 
+    def trash(self, client_id: str, conv_id: str) -> bool:
+        """Hide a conversation (get, list and search skip it) until `restore` or `purge`: an undoable delete."""
+        with self._connect() as db:
+            cur = db.execute("UPDATE conversations SET deleted_at = ? WHERE id = ? AND client_id = ? "
+                             "AND deleted_at IS NULL", (time.time(), conv_id, client_id))
+        return cur.rowcount > 0
+
+    def restore(self, client_id: str, conv_id: str) -> bool:
+        """Undo `trash`; False when the conversation was purged meanwhile."""
+        with self._connect() as db:
+            cur = db.execute("UPDATE conversations SET deleted_at = NULL WHERE id = ? AND client_id = ? "
+                             "AND deleted_at IS NOT NULL", (conv_id, client_id))
+        return cur.rowcount > 0
+
+    def purge(self, client_id: str, older_than_s: float = 0.0) -> int:
+        """Delete for good this client's trashed conversations (those trashed over `older_than_s` ago)."""
+        with self._connect() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM conversations WHERE client_id = ? AND deleted_at < ?",
+                                            (client_id, time.time() - older_than_s)).fetchall()]
+            for conv_id in ids:
+                db.execute("DELETE FROM conversations WHERE id = ? AND client_id = ?", (conv_id, client_id))
+                if self.fts:
+                    store_search.unindex(db, conv_id)
+        return len(ids)
+
     def search(self, client_id: str, text: str, mode: str | None = None, limit: int = 30) -> list[Conversation]:
         """This client's conversations whose title or messages contain every word of `text`, best first."""
         with self._connect() as db:
@@ -158,8 +184,8 @@ class ConversationStore:
             if not ids:
                 return []
             marks = ",".join("?" * len(ids))
-            rows = db.execute(f"SELECT {_COLUMNS} FROM conversations WHERE client_id = ? AND id IN ({marks})",
-                              [client_id, *ids]).fetchall()
+            rows = db.execute(f"SELECT {_COLUMNS} FROM conversations WHERE client_id = ? AND deleted_at IS NULL "
+                              f"AND id IN ({marks})", [client_id, *ids]).fetchall()
         by_id = {row[0]: _row_to_conversation(row) for row in rows}
         return [by_id[i] for i in ids if i in by_id]
 
@@ -173,7 +199,7 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def _row_to_conversation(row: tuple) -> Conversation:
-    conv_id, client_id, mode, title, messages, created_at, updated_at, settings, pending = row
+    conv_id, client_id, mode, title, messages, created_at, updated_at, settings, pending, _deleted_at = row
     return Conversation(client_id, mode, [message_from_dict(d) for d in json.loads(messages)], title, conv_id,
                         created_at, updated_at, _settings(json.loads(settings or "{}")), pending or None)
 

@@ -87,7 +87,7 @@ def matching_ids(db: sqlite3.Connection, *, fts: bool, client_id: str, text: str
         sql += " ORDER BY rank LIMIT ?"
         return [r[0] for r in db.execute(sql, [*args, limit]).fetchall()]
     # LIKE fallback: each word in the title or in the stored JSON (its escapes rarely matter for words)
-    sql = "SELECT id FROM conversations WHERE client_id = ?"
+    sql = "SELECT id FROM conversations WHERE client_id = ? AND deleted_at IS NULL"
     args = [client_id]
     if mode is not None:
         sql += " AND mode = ?"

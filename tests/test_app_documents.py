@@ -89,6 +89,7 @@ def test_a_long_pdf_is_searched_and_the_reply_cites_page_3(app_env, tmp_path):
 
     again.button(key="clear_conv").click().run()  # deleting the conversation deletes its documents
     assert "chronicle.pdf" not in captions(again)
+    again.button(key="new_conv").click().run()  # (once the Undo offer that came with Clear is gone)
     with sqlite3.connect(app_env / "conversations.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM documents WHERE client_id = ?", (cid,)).fetchone() == (0,)
 

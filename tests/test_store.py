@@ -236,3 +236,15 @@ def test_export_and_import_keep_the_system_prompt_and_settings():
 def test_bad_settings_in_an_import_name_the_problem(text, fragment):
     with pytest.raises(RequestError, match=fragment):
         conversation_from_json(text, client_id="x", mode="chat")
+
+
+def test_trash_hides_restore_brings_back_purge_deletes(store):
+    conv = store.save(Conversation("c", "chat", [Message(Role.USER, "undo me")]))
+    other = store.save(Conversation("c2", "chat", [Message(Role.USER, "not mine")]))
+    assert store.trash("c", conv.id) and not store.trash("c2", conv.id)
+    assert store.get("c", conv.id) is None and store.list("c") == [] and store.search("c", "undo") == []
+    assert store.restore("c", conv.id) and store.get("c", conv.id).messages == conv.messages
+    store.trash("c", conv.id)
+    assert store.purge("c", older_than_s=600) == 0  # recent: kept for an undo
+    assert store.purge("c") == 1 and not store.restore("c", conv.id)
+    assert store.get("c2", other.id) is not None

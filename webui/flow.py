@@ -6,7 +6,9 @@ the agent loop for tools and the interpreter).
 Sidebar buttons call `act` as their callback, which Streamlit runs before the script: New, Clear,
 open, delete, undo and import change the conversation there, so the sidebar drawn in the same run
 already shows the new state. Retry and Edit need a generation, which only the page can run: they
-leave an action that `apply_action` picks up. Clear and delete keep the conversation for an Undo.
+leave an action that `apply_action` picks up. Clear and delete put the conversation in the store's
+trash (hidden everywhere) and offer Undo; the next action, or a new session of this browser after
+TRASH_KEEP_S, deletes it for good (with its documents).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from webui.markdown import to_markdown
 from webui.turn import stop_generation
 
 UNDO = "undo_offer_{mode}"
+TRASH_KEEP_S = 600
 
 
 def act(mode: str, kind: str, *args: object) -> None:
@@ -35,6 +38,9 @@ def act(mode: str, kind: str, *args: object) -> None:
         return
     conv = state.conversation(mode)
     st.session_state.pop(UNDO.format(mode=mode), None)  # an Undo offer lasts until the next action
+    if kind == "undo":
+        conv = _undo(args[0]) or conv
+    state.store().purge(state.client_id())  # and so does what it would have brought back
     if kind == "new":
         conv = Conversation(state.client_id(), mode)
     elif kind == "clear":
@@ -48,23 +54,22 @@ def act(mode: str, kind: str, *args: object) -> None:
             _discard(mode, target, current=target is conv)
         if args[0] == conv.id:
             conv = Conversation(state.client_id(), mode)
-    elif kind == "undo":
-        conv = _undo(args[0]) or conv
     state.set_conversation(mode, conv)
 
 
 def _discard(mode: str, conv: Conversation, *, current: bool) -> None:
-    state.store().delete(conv.client_id, conv.id)
+    state.store().trash(conv.client_id, conv.id)
     conv.discarded = True  # a turn still unwinding must not save it back
     if conv.messages:
         st.session_state[UNDO.format(mode=mode)] = (conv, current)
 
 
 def _undo(offer: object) -> Conversation | None:
-    """Save the deleted conversation back (same id); it is the current one again if it was."""
+    """Take the conversation out of the trash; it is the current one again if it was."""
     conv, was_current = offer  # type: ignore[misc]
+    if not state.store().restore(conv.client_id, conv.id):
+        return None  # purged meanwhile (by another tab of this browser)
     conv.discarded = False
-    state.store().save(conv)
     return conv if was_current else None
 
 

@@ -33,6 +33,9 @@ def show(mode: str, engine: Engine | None) -> None:
                        + (f" ({runtime})" if runtime else ""))
         else:
             st.caption("Model not loaded")
+        if not st.session_state.get("trash_purged"):  # once a session: what an Undo offer left behind
+            st.session_state["trash_purged"] = True
+            state.store().purge(state.client_id(), older_than_s=flow.TRASH_KEEP_S)
         conv = state.conversation(mode)
         conv_settings.restore_for(mode, conv)  # its settings into the widgets, before they are drawn
         _generation_controls(mode, engine)
