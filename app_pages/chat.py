@@ -20,4 +20,4 @@ if generate and engine is not None:
     messages, context = attachments.prepare(conv, engine, messages, options.max_new_tokens)
     if context is not None:
         attachments.show_context(context)
-    run_turn(conv, lambda cancel: engine.stream(messages, options, cancel=cancel))
+    run_turn(conv, lambda cancel: engine.stream(messages, options, cancel=cancel, fit_context=True))

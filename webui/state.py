@@ -14,7 +14,7 @@ import uuid
 import streamlit as st
 
 from chatglm_core.engine import Engine
-from chatglm_core.messages import Message
+from chatglm_core.messages import ContextTrimmed, Message
 from chatglm_core.settings import Settings, load_settings
 from chatglm_core.store import Conversation, ConversationStore
 
@@ -114,3 +114,12 @@ def save(conv: Conversation) -> None:
 def mark_stopped(message: Message) -> None:
     """The reply was cut (Stop, a click, a page switch): saved with it, shown under it."""
     message.meta["finish"] = "stopped"
+
+
+def context_views() -> dict[str, ContextTrimmed | None]:
+    """conversation id → what the model did not see of it in its last turn (session-only)."""
+    return st.session_state.setdefault("context_view", {})
+
+
+def set_context_view(conv: Conversation, notice: ContextTrimmed | None) -> None:
+    context_views()[conv.id] = notice
