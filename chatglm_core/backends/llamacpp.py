@@ -150,6 +150,10 @@ class LlamaCppBackend(LocalBackend):
             backend.runtime = f"llama.cpp, {backend.gguf.stem.rsplit('-', 1)[-1]} copy of the GGUF"
         return backend
 
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix (the next prompts are prefilled whole)."""
+        self.seqs.clear()
+
     def open_rows(self, capacity: int) -> LlamaRows:
         return LlamaRows(self, capacity, self.rows_prefill_chunk())
 

@@ -9,9 +9,10 @@ then starts from the entry that shares the longest prefix with its prompt:
   takes the sequence over and feeds only the rest;
 - the prompt diverges inside the entry (a shared system prompt or tool list, a regenerated
   reply): the entry is kept for whoever continues it and its cells are copied to another sequence
-  (`llama_memory_seq_cp`; across sequences llama.cpp copies the whole stream, ~94 MB for
-  SmolLM2 at 4,096 tokens, ~10 ms), then `llama_memory_seq_rm` drops the copy's tail after the
-  shared part. Below COPY_MIN shared tokens the copy costs more than feeding them again;
+  (`llama_memory_seq_cp`; across sequences llama.cpp copies the whole stream, 94 MB for SmolLM2
+  at 4,096 cells), then `llama_memory_seq_rm` drops the copy's tail after the shared part. The
+  copy cost about what prefilling 4 tokens costs here, so below COPY_MIN shared tokens the row
+  starts cold instead;
 - at least the prompt's last token is always fed again, for the logits of the first reply token.
 
 Empty sequences are used first, then the least recently used entry is evicted. Everything here
@@ -27,7 +28,7 @@ from typing import Protocol
 from chatglm_core.backends.prefix_cache import PrefixCache, reusable
 
 #: Shared prompt tokens below which a new row starts cold rather than copying a diverging entry.
-COPY_MIN = 64
+COPY_MIN = 16
 
 
 class Memory(Protocol):
@@ -85,6 +86,13 @@ class SequencePool:
                     del held[pos:]
                 if pos == len(held):
                     held.append(tok)
+
+    def clear(self) -> None:
+        """Forget every cached prefix (busy sequences keep theirs)."""
+        with self.lock:
+            for key in list(self.cache):
+                self.cache.pop(key)
+                self._wipe(key)
 
     def idle(self) -> int:
         """Sequences no row is using (empty or cached)."""

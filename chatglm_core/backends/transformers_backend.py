@@ -41,6 +41,11 @@ class TransformersBackend(LocalBackend):
         backend.prefill_chunk = settings.prefill_chunk
         return backend
 
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix (the next prompts are prefilled whole)."""
+        if self.kv_store is not None:
+            self.kv_store.clear()
+
     def open_rows(self, capacity: int) -> KVRows:
         """Up to `capacity` sequences decoded together (the engine's batch, or one for `stream`)."""
         return KVRows(self.model, capacity, self.rows_prefill_chunk(), self.kv_store)
@@ -76,6 +81,10 @@ class KVStore:
                 self.cache.touch(key)
         # DynamicCache copies what it is given (torch.cat onto an empty tensor): the entry stays intact
         return DynamicCache([(k[:, :, :n], v[:, :, :n]) for k, v in entry.value]), n
+
+    def clear(self) -> None:
+        with self.lock:
+            self.cache = PrefixCache(self.cache.max_size)
 
     def put(self, ids: list[int], layers: list[tuple[Any, Any]]) -> None:
         size = sum(k.nbytes + v.nbytes for k, v in layers)
