@@ -59,7 +59,8 @@ class RawLoop:
     def _decode(self, tokens: list[int], start: int) -> None:
         b = self.batch
         for i, tok in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = tok, start + i, 1, 0, i == len(tokens) - 1
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = tok, start + i, 1, 0
+            b.logits[i] = i == len(tokens) - 1
         b.n_tokens = len(tokens)
         if self.ll.llama_decode(self.ctx, b) != 0:
             raise RuntimeError("llama_decode failed")
