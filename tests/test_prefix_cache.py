@@ -131,7 +131,8 @@ def test_memory_that_cannot_drop_a_tail_starts_cold():
     p, memory = pool(tail_ok=False)
     seq = finish(p, list(range(50)))
     got, reused = p.acquire(list(range(60)))
-    assert (got, reused) == (seq, 0) and p.tokens[got] == []
+    assert (got, reused) == (seq, 0) and p.tokens[got] == [] and got not in p.free and memory.calls[-1] == (
+        "rm", seq, -1, -1)
 
 
 def test_redundant_entries_are_not_kept():

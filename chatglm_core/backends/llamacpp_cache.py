@@ -116,7 +116,7 @@ class SequencePool:
             self.memory.seq_cp(key, dst)
             self.cache.touch(key)
         if not self.memory.seq_rm(dst, n, -1):  # a model whose memory can't drop a tail (recurrent)
-            self._wipe(dst)
+            self.memory.seq_rm(dst, -1, -1)
             return dst, 0
         return dst, n
 
