@@ -271,6 +271,7 @@ def test_a_long_prompt_joins_in_chunks_while_others_stream(llama_backend, monkey
 @needs_llamacpp
 def test_a_row_removed_mid_prefill_frees_its_sequence(llama_backend, monkeypatch):
     monkeypatch.setattr(llama_backend, "prefill_chunk", 16)
+    llama_backend.clear_prefix_cache()  # the prompts below are fed from position 0
     rows = llama_backend.open_rows(2)
     ids = llama_backend.prompt_ids([Message(Role.USER, "Tell me about the sea. " * 20)])
     busy, first = rows.add(llama_backend.prompt_ids(FRANCE))  # 37 tokens: longer than a chunk
@@ -278,8 +279,9 @@ def test_a_row_removed_mid_prefill_frees_its_sequence(llama_backend, monkeypatch
     short, first = rows.add(ids[:16])
     assert first is not None and short not in rows.prompts  # a prompt of a chunk or less: prefilled at once
     rows.remove(short)
-    slot, _ = rows.add(ids)
-    assert set(rows.step({busy: 1})) == {busy} and rows.pos[slot] == 16  # beside a decoding row: 16 tokens
+    slot, _ = rows.add(ids)  # takes short's sequence over: its 16 tokens are cached
+    assert rows.cached_tokens(slot) == 16 and rows.pos[slot] == 16
+    assert set(rows.step({busy: 1})) == {busy} and rows.pos[slot] == 32  # beside a decoding row: 16 tokens
     rows.remove(slot)  # e.g. its caller cancelled
     assert slot not in rows.prompts and llama_backend.seqs.busy == {rows.seqs[busy]}
     assert set(rows.step({busy: 2})) == {busy}
