@@ -54,7 +54,8 @@ class RawLoop:
         self.model = ll.llama_model_load_from_file(str(gguf).encode(), mparams)
         cparams = ll.llama_context_default_params()
         cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = 4096, threads, threads
-        cparams.n_batch, cparams.n_ubatch = 2048, 512
+        self.n_batch = cparams.n_batch = 2048
+        cparams.n_ubatch = 512
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         self.sampler = ll.llama_sampler_init_greedy()
         self.batch = ll.llama_batch_init(2048, 0, 1)
@@ -85,8 +86,8 @@ class RawLoop:
         ll = self.ll
         ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx), 0, -1, -1)
         start = time.perf_counter()
-        for i in range(0, len(prompt), 2048):
-            self._decode(prompt[i:i + 2048], i)
+        for i in range(0, len(prompt), self.n_batch):
+            self._decode(prompt[i:i + self.n_batch], i)
         ll.llama_sampler_sample(self.sampler, self.ctx, -1)
         return time.perf_counter() - start
 
