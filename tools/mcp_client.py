@@ -8,8 +8,10 @@ streamable HTTP), lists the tools, then waits until `close()`. Calls from any th
 
 Stdio servers get only their declared `env` plus PATH (run through ``env -i``: the SDK would add
 HOME, USER, SHELL…), and their stderr goes to a temporary file whose last lines explain a failure.
-The SDK stops a stdio server by closing its stdin, then terminating its process group; `close_all`
-runs at exit, and a server left behind by a killed app still sees its stdin close.
+The SDK stops a stdio server by closing its stdin, then terminating its process group if it lingers;
+processes the server started and left in its group are killed after it (the SDK spares them when
+the server exits by itself). `close_all` runs at exit; a server left behind by a killed app still
+sees its stdin close.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -49,7 +52,8 @@ class ServerConfig:
     env: dict[str, str] = field(default_factory=dict)
     url: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
-    timeout: float = 30.0
+    timeout: float = 30.0  # for each call
+    start_timeout: float = 60.0  # for starting and listing the tools: a first `uvx`/`npx` run downloads
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ class McpConnection:
         self._task: concurrent.futures.Future[Any] | None = None
         self._finished = threading.Event()  # set once the connection (and its process) is gone
         self._stderr = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") if config.command else None
+        self.pid: int | None = None  # a stdio server's process (and process group) id
 
     @property
     def label(self) -> str:
@@ -130,11 +135,11 @@ class McpConnection:
         self._task = loop.submit(self._serve(ready))
         _live.add(self)
         try:
-            return ready.result(self.config.timeout)
+            return ready.result(self.config.start_timeout)
         except concurrent.futures.TimeoutError:
             self.close()
-            raise McpStartError(f"{self.label} did not start within {self.config.timeout:g} s{self._stderr_tail()}") \
-                from None
+            raise McpStartError(f"{self.label} did not start within {self.config.start_timeout:g} s"
+                                f"{self._stderr_tail()}") from None
         except McpStartError:
             self.close()
             raise
@@ -177,9 +182,11 @@ class McpConnection:
         self._stop = asyncio.Event()
         try:
             async with contextlib.AsyncExitStack() as stack:
+                stack.callback(self._kill_group)
                 transport = await self._transport(stack)
                 client = await stack.enter_async_context(Client(
                     transport, cache=None, client_info=Implementation(name="chatglm-workbench", version="1")))
+                self.pid = _stdio_pid(transport)
                 tools = await _list_tools(client)
                 self._client = client
                 if not ready.done():
@@ -216,6 +223,12 @@ class McpConnection:
         return stdio_client(params, errlog=self._stderr)
 
     # --- helpers --------------------------------------------------------------------------
+    def _kill_group(self) -> None:
+        """Kill what the server left in its process group (it ran in a session of its own)."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
     def _check_command(self) -> None:
         program = _program(self.config.command[0])
         if shutil.which(program, path=os.environ.get("PATH", os.defpath)) is None:
@@ -238,6 +251,14 @@ class McpConnection:
         if self._stderr is not None:
             with contextlib.suppress(OSError):
                 self._stderr.close()
+
+
+def _stdio_pid(transport: Any) -> int | None:
+    """The server's pid, read from the SDK's stdio_client while it is open (its process is a local
+    there; the SDK exposes no accessor). None if that ever changes: only the group sweep is lost."""
+    frame = getattr(getattr(transport, "gen", None), "ag_frame", None)
+    process = frame.f_locals.get("process") if frame is not None else None
+    return getattr(process, "pid", None)
 
 
 def _program(name: str) -> str:

@@ -28,6 +28,8 @@ SERVER_NAME = r"^[A-Za-z0-9_-]{1,32}$"
 #: Our own timeout on a call ends a little after the connection's, so the connection's clearer
 #: message ("did not answer … within N s") is the one the model reads.
 CALL_MARGIN = 2.0
+#: Starting a server may take longer than a call (an interpreter starting, a first `npx` download).
+START_TIMEOUT = 60.0
 
 
 class McpEntry(BaseModel):
@@ -64,7 +66,7 @@ class McpEntry(BaseModel):
 
     def config(self) -> ServerConfig:
         return ServerConfig(self.name, tuple(self.command or ()), dict(self.env), self.url, dict(self.headers),
-                            self.timeout)
+                            self.timeout, max(self.timeout, START_TIMEOUT))
 
 
 def entry_problems(raw_entries: list[Any]) -> tuple[list[McpEntry], list[str]]:
@@ -154,7 +156,7 @@ def _register(registry: ToolRegistry, entry: McpEntry, conn: McpConnection, list
             registry.register(_caller(conn, remote.name), spec=spec, timeout=entry.timeout + CALL_MARGIN,
                               source=f"{source} · mcp server {entry.name!r}")
         except ConfigError as e:
-            problems.append(f"tool {remote.name!r} skipped: {e}")
+            problems.append(f"skipped {e}")
             continue
         added.append(name)
     return added, problems
