@@ -57,11 +57,12 @@ class McpEntry(BaseModel):
     @model_validator(mode="after")
     def _one_transport(self) -> McpEntry:
         if (self.command is None) == (self.url is None):
-            raise ValueError("give exactly one of command: [program, args...] (stdio) or url: http://... (HTTP)")
+            raise ValueError("command/url: give exactly one of command: [program, args...] (stdio) or "
+                             "url: http://... (HTTP)")
         if self.env and self.command is None:
-            raise ValueError("env is for command (stdio) servers; an HTTP server takes headers")
+            raise ValueError("env: is for command (stdio) servers; an HTTP server takes headers")
         if self.headers and self.url is None:
-            raise ValueError("headers are for url (HTTP) servers; a command server takes env")
+            raise ValueError("headers: are for url (HTTP) servers; a command server takes env")
         return self
 
     def config(self) -> ServerConfig:
@@ -87,13 +88,15 @@ def entry_problems(raw_entries: list[Any]) -> tuple[list[McpEntry], list[str]]:
 
 
 def _problem(err: dict[str, Any]) -> str:
-    field_name = ".".join(map(str, err["loc"])) or "entry"
+    field_name = ".".join(map(str, err["loc"]))
+    if err["type"] == "model_type":
+        return "each server must be a mapping of keys (name, command or url, ...)"
+    if not field_name:  # the checks across fields name their fields themselves
+        return err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"{field_name}: unknown key (allowed: {', '.join(McpEntry.model_fields)})"
     if err["type"] == "missing":
         return f"{field_name}: missing required field"
-    if err["type"] == "model_type":
-        return "each server must be a mapping of keys (name, command or url, ...)"
     return f"{field_name}: {err['msg'].removeprefix('Value error, ')}"
 
 
