@@ -259,3 +259,23 @@ def test_servers_stop_when_the_process_exits(tmp_path):
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": "."})
     assert out.returncode == 0, out.stderr
     assert not alive(int(out.stdout.split()[0]))
+
+
+# --- the agent loop with the real model -----------------------------------------------------------
+def test_the_agent_loop_calls_a_real_mcp_server_with_the_real_model(registry, small_engine):
+    """A forced call is decoded under the tool's JSON Schema (constrained), so the small model's call
+    is valid; the real mcp-server-time answers it and the model gets the observation."""
+    from chatglm_core.agent import run_agent
+    from chatglm_core.backends.base import GenerationOptions
+    from chatglm_core.messages import Done, Message, Role, ToolCallEvent, ToolResultEvent
+
+    load(registry, TIME)
+    events = list(run_agent(small_engine, [Message(Role.USER, "What time is it now in Asia/Tokyo?")],
+                            registry=registry, options=GenerationOptions(max_new_tokens=40, temperature=0),
+                            tool_choice={"name": "time_get_current_time"}, max_rounds=1))
+    calls = [e.call for e in events if isinstance(e, ToolCallEvent)]
+    results = [e for e in events if isinstance(e, ToolResultEvent)]
+    assert [c.name for c in calls] == ["time_get_current_time"] and calls[0].arguments == {"timezone": "Asia/Tokyo"}
+    assert results[0].ok and '"timezone": "Asia/Tokyo"' in results[0].message.content
+    assert "+09:00" in results[0].message.content
+    assert isinstance(events[-1], Done)
