@@ -24,6 +24,7 @@ from chatglm_core.api.schemas import SEED_MAX, ChatCompletionRequest, ChatMessag
 from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.engine import Engine, validate_messages
 from chatglm_core.errors import RequestError
+from chatglm_core.formats.parsing import TOOL_CALL_OPEN
 from chatglm_core.messages import Done, Message, Role, TextDelta, ToolCall, Usage
 from chatglm_core.settings import Settings
 
@@ -194,11 +195,27 @@ async def complete(engine: Engine, plan: ChatPlan, model: str, request: Request)
         finally:
             run.close()
         assert done is not None, "generation ended without a Done event"
-        choices.append(_choice(i, only_declared_calls(done, plan.tools), plan.legacy))
+        choices.append(_choice(i, clean_done(done, plan.tools), plan.legacy))
         usage.prompt_tokens = done.usage.prompt_tokens
         usage.completion_tokens += done.usage.completion_tokens
     return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_json(usage)}
+
+
+def clean_done(done: Done, tools: list[dict[str, Any]] | None) -> Done:
+    """The Done a client may see: no forged calls, no half call as text."""
+    return without_cut_call(only_declared_calls(done, tools), tools)
+
+
+def without_cut_call(done: Done, tools: list[dict[str, Any]] | None) -> Done:
+    """A call cut off by max_tokens is not text the model meant for the reader: as OpenAI does, the
+    reply ends with finish_reason "length" and no half call, keeping only the text before the call
+    (ChatGLM3's form has no text before a call)."""
+    if not tools or done.finish_reason != "length" or not done.parse_error:
+        return done
+    raw = done.raw_text or done.message.content
+    head = raw.split(TOOL_CALL_OPEN, 1)[0].strip() if TOOL_CALL_OPEN in raw else ""
+    return dataclasses.replace(done, message=Message(Role.ASSISTANT, head))
 
 
 def only_declared_calls(done: Done, tools: list[dict[str, Any]] | None) -> Done:
@@ -215,7 +232,8 @@ def only_declared_calls(done: Done, tools: list[dict[str, Any]] | None) -> Done:
 
 
 def _choice(index: int, done: Done, legacy: bool) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": done.message.content}
+    cut = done.finish_reason == "length" and done.parse_error  # a call cut short: no text to show
+    message: dict[str, Any] = {"role": "assistant", "content": done.message.content or (None if cut else "")}
     finish = _finish(done, legacy)
     calls = done.message.tool_calls
     if calls and legacy:
@@ -288,7 +306,7 @@ async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineR
                 elif isinstance(ev, Done):
                     usage.prompt_tokens = ev.usage.prompt_tokens
                     usage.completion_tokens += ev.usage.completion_tokens
-                    for line in _done_chunks(only_declared_calls(ev, plan.tools), plan.legacy, streamed):
+                    for line in _done_chunks(clean_done(ev, plan.tools), plan.legacy, streamed):
                         yield chunk(i, *line)
                 ev = await run.next()
         if plan.include_usage:
