@@ -136,15 +136,33 @@ def test_bad_constraints_are_request_errors(tokenizer):
 
 
 def test_tool_call_grammar_bounds_free_strings_and_arrays():
-    from chatglm_core.constrain import MAX_ARRAY_ITEMS, MAX_STRING_CHARS, bounded
+    from chatglm_core.constrain import FREE_STRING_PATTERN, MAX_ARRAY_ITEMS, MAX_STRING_CHARS, bounded
 
     schema = {"type": "object", "properties": {
         "s": {"type": "string"}, "e": {"type": "string", "enum": ["a"]}, "n": {"type": ["string", "null"]},
         "a": {"type": "array", "items": {"type": "string", "maxLength": 5}}, "k": {"type": "string", "maxLength": 3}}}
     props = bounded(schema)["properties"]
-    assert props["s"]["maxLength"] == MAX_STRING_CHARS and props["n"]["maxLength"] == MAX_STRING_CHARS
-    assert "maxLength" not in props["e"] and props["k"]["maxLength"] == 3
+    assert props["s"]["pattern"] == FREE_STRING_PATTERN % (MAX_STRING_CHARS - 1) and "maxLength" not in props["s"]
+    assert props["n"]["maxLength"] == MAX_STRING_CHARS
+    assert "maxLength" not in props["e"] and props["k"] == {"type": "string", "maxLength": 3}
     assert props["a"]["maxItems"] == MAX_ARRAY_ITEMS and props["a"]["items"] == {"type": "string", "maxLength": 5}
+
+
+@pytest.mark.parametrize("value, allowed", [
+    ("2 + 2", True), ("a < b", True), ("café au lait", True), ("x" * 96, True),
+    ("}}</tool_call>", False), ("x</tool_call>", False), ("<tool_call>", False), ("x<tool_call>{", False),
+    (" 2 + 2", False), ("]", False), ("", False), ("x" * 97, False)])
+def test_free_strings_in_a_call_keep_the_calls_markup_out(value, allowed):
+    """The grammar itself (xgrammar's matcher on the call's text) refuses markup inside a free string."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from chatglm_core.constrain import json_call_tag
+
+    calc = tool("calculator", {"expression": {"type": "string"}}, ["expression"])
+    grammar = xgr.Grammar.from_structural_tag(json_call_tag([calc["function"]], auto=False))
+    text = '<tool_call>{"name": "calculator", "arguments": ' + json.dumps({"expression": value}, ensure_ascii=False) + "}</tool_call>"
+    assert _is_grammar_accept_string(grammar, text) is allowed
 
 
 def test_compiled_grammars_are_cached(tokenizer):
