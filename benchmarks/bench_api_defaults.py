@@ -6,7 +6,7 @@ gets the right answer, beside the same request with each candidate repetition pe
 Requests go through the real app (`create_app`, in-process HTTP via Starlette's TestClient) with only
 `model`, `messages` and `max_tokens`; 8 at a time (the engine batches them). "defaults" is what the
 API applies now; the other rows send `repetition_penalty` explicitly. An answer counts as right when
-it contains "Paris". A JSON-mode row checks that the default keeps `response_format` replies valid.
+it contains "Paris". JSON-mode rows check that `response_format` replies stay valid objects.
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ def main() -> None:
             answers = list(pool.map(lambda _: ask(extra)["content"] or "", range(args.n)))
             right = sum("paris" in a.lower() for a in answers)
             print(f"  {label:<13} {right}/{args.n} say Paris", flush=True)
-        fmt = {"response_format": {"type": "json_object"}}
-        replies = list(pool.map(lambda _: ask(fmt, JSON_QUESTION)["content"] or "", range(args.n)))
-        valid = sum(_is_object(r) for r in replies)
-        print(f"  json_object, defaults: {valid}/{args.n} valid JSON objects", flush=True)
+        for label, extra in (("defaults", {}), ("penalty 1.0", {"repetition_penalty": 1.0}),
+                             ("penalty 1.05", {"repetition_penalty": 1.05})):
+            fmt = {"response_format": {"type": "json_object"}, **extra}
+            replies = list(pool.map(lambda _: ask(fmt, JSON_QUESTION)["content"] or "", range(args.n)))
+            valid = sum(_is_object(r) for r in replies)
+            print(f"  json_object, {label:<13} {valid}/{args.n} valid JSON objects", flush=True)
 
 
 def _is_object(text: str) -> bool:
