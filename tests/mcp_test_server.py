@@ -4,7 +4,8 @@
 
 Tools: `echo(text)`; `picture()` (text + a PNG + an embedded text resource); `fail()` (an isError
 result); `hang(seconds)` (sleeps); `die()` (the process exits mid-call); `spawn()` (starts a
-grandchild that would outlive a careless client, and returns its pid). With --bad-schema it also
+grandchild that would outlive a careless client, and returns its pid); `environ()` (its environment's
+variable names). With --bad-schema it also
 lists `broken`, whose input schema is not a valid JSON Schema.
 """
 
@@ -37,6 +38,7 @@ TOOLS = [
     _tool("hang", "Sleep for a while.", {"seconds": {"type": "number"}}, ["seconds"]),
     _tool("die", "Exit the server process."),
     _tool("spawn", "Start a long-lived grandchild process."),
+    _tool("environ", "The names of the server's environment variables."),
 ]
 BROKEN = types.Tool(name="broken", description="Its schema is not one.",
                     input_schema={"type": "object", "properties": {"n": {"type": "integr"}}})
@@ -66,6 +68,8 @@ async def call_tool(ctx, params) -> types.CallToolResult:
         return types.CallToolResult(content=[text("woke up")])
     if params.name == "die":
         os._exit(7)
+    if params.name == "environ":
+        return types.CallToolResult(content=[text(" ".join(sorted(os.environ)))])
     if params.name == "spawn":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         return types.CallToolResult(content=[text(str(child.pid))])

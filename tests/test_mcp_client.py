@@ -151,6 +151,14 @@ def server(name: str, *flags: str, timeout: float = 20) -> str:
     return f"  - {{name: {name}, command: [python, {args}], timeout: {timeout}}}\n"
 
 
+def test_a_stdio_server_gets_only_its_env_and_path(registry, monkeypatch):
+    monkeypatch.setenv("CHATGLM_API_KEY", "secret-of-the-app")
+    load(registry, f"mcp:\n  - {{name: t, command: [python, {TEST_SERVER}], env: {{GREETING: hi}}}}\n")
+    names = set(registry.dispatch("environ", {}).content.split())
+    assert {"PATH", "GREETING"} <= names and "CHATGLM_API_KEY" not in names and "HOME" not in names
+    assert names - {"PATH", "GREETING"} <= {"LC_CTYPE"}  # at most what the interpreter sets itself
+
+
 def test_results_with_images_errors_and_several_contents(registry):
     load(registry, "mcp:\n" + server("t"))
     picture = registry.dispatch("picture", {})
