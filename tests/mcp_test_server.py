@@ -5,7 +5,7 @@
 Tools: `echo(text)`; `picture()` (text + a PNG + an embedded text resource); `fail()` (an isError
 result); `hang(seconds)` (sleeps); `die()` (the process exits mid-call); `spawn()` (starts a
 grandchild that would outlive a careless client, and returns its pid); `environ()` (its environment's
-variable names). With --bad-schema it also
+variable names); `garbage()` (a malformed result). With --bad-schema it also
 lists `broken`, whose input schema is not a valid JSON Schema.
 """
 
@@ -39,6 +39,7 @@ TOOLS = [
     _tool("die", "Exit the server process."),
     _tool("spawn", "Start a long-lived grandchild process."),
     _tool("environ", "The names of the server's environment variables."),
+    _tool("garbage", "Answers with a result that is not a CallToolResult."),
 ]
 BROKEN = types.Tool(name="broken", description="Its schema is not one.",
                     input_schema={"type": "object", "properties": {"n": {"type": "integr"}}})
@@ -68,6 +69,8 @@ async def call_tool(ctx, params) -> types.CallToolResult:
         return types.CallToolResult(content=[text("woke up")])
     if params.name == "die":
         os._exit(7)
+    if params.name == "garbage":  # built without validation, so it goes out malformed
+        return types.CallToolResult.model_construct(content="not a list of blocks", is_error=False)
     if params.name == "environ":
         return types.CallToolResult(content=[text(" ".join(sorted(os.environ)))])
     if params.name == "spawn":

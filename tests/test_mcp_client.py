@@ -186,6 +186,13 @@ def test_servers_that_fail_to_start_are_warnings_and_the_rest_loads(registry, mo
     assert len(mcp_client.running()) == 1
 
 
+def test_a_malformed_result_is_an_error_result(registry):
+    load(registry, "mcp:\n" + server("t"))
+    garbage = registry.dispatch("garbage", {})
+    assert not garbage.ok and garbage.content.startswith("Error: MCP server 't' answered 'garbage' with a malformed result")
+    assert registry.dispatch("echo", {"text": "fine"}).content == "fine"
+
+
 def test_a_bad_schema_skips_that_tool_only(registry):
     names = load(registry, "mcp:\n" + server("t", "--bad-schema"))
     assert "echo" in names and "broken" not in registry

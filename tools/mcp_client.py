@@ -157,6 +157,8 @@ class McpConnection:
             future.cancel()
             raise ToolError(f"{self.label} did not answer {tool!r} within {self.config.timeout:g} s") from None
         except Exception as e:  # noqa: BLE001 - anything the SDK or a dead server raises is the call's failure
+            if type(e).__name__ == "ValidationError":  # pydantic's, on a result that breaks the protocol
+                raise ToolError(f"{self.label} answered {tool!r} with a malformed result ({_describe(e)})") from None
             raise ToolError(f"{self.label} failed on {tool!r}: {_describe(e)}{self._stderr_tail()}") from None
         return result_to_tool_result(result)
 
