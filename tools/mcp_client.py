@@ -165,6 +165,13 @@ class McpConnection:
     def close(self) -> None:
         """Stop the server and wait (bounded) until its process is gone. Idempotent."""
         task, stop = self._task, self._stop
+        if task is not None and not self._finished.is_set() and threading.current_thread() is _event_loop().thread:
+            # called on the loop itself (a registry collected there): waiting would block the shutdown
+            if stop is not None:
+                stop.set()
+            else:
+                task.cancel()
+            return
         if task is not None and not self._finished.is_set():
             if self._client is not None and stop is not None:  # running: let the SDK shut it down in order
                 _event_loop().loop.call_soon_threadsafe(stop.set)
