@@ -228,7 +228,7 @@ def main() -> None:
             row.append(f"{ok}/{len(texts)}")
             sensible.append(str(sum(good)))
         if args.constrained_only:
-            row, sensible, secs = ["-", *row], ["-", *sensible], [*secs, 0.0]
+            row, sensible, secs = ["-", *row], ["-", *sensible], [0.0, *secs]
         print(f"{spec['function']['name']:24} {row[0]:>14} {row[1]:>12} {'/'.join(sensible):>13} "
               f"{secs[1]:>6.1f}/{secs[0]:<6.1f}")
     for constrained in (True,) if args.constrained_only else (False, True):
