@@ -3,8 +3,9 @@
 Each file is loaded all-or-none: every problem in it (unknown keys, missing fields, an invalid
 JSON Schema, duplicate names, a callable that will not import, a bad `mcp:` server entry) is
 gathered into ONE ConfigError naming the file, the tool or server and the field. The file's
-`mcp:` servers start once its tools are registered (`tools.mcp_tools`). `load_all` loads the bundled `custom_tools.yaml` and the
-files in CHATGLM_TOOLS; a bad file is reported and skipped, never taking other tools down.
+`mcp:` servers start once its tools are registered (`tools.mcp_tools`). `load_all` loads the
+bundled `custom_tools.yaml` and the files in CHATGLM_TOOLS; a bad file is reported and skipped,
+never taking other tools down.
 """
 
 from __future__ import annotations
