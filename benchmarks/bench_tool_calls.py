@@ -98,7 +98,8 @@ UNSEEN: list[tuple[dict[str, Any], list[str]]] = [
 ]
 
 #: Forced calls of the built-in calculator, and the value a sensible expression gives.
-CALCULATOR_PROMPTS = [("What is 17 times 23?", 391), ("Compute (3 + 4) * 5.", 35), ("What is 2 to the power of 10?", 1024),
+CALCULATOR_PROMPTS = [("What is 17 times 23?", 391), ("Compute (3 + 4) * 5.", 35),
+                      ("What is 2 to the power of 10?", 1024),
                       ("Divide 100 by 8.", 12.5), ("Add 1234 and 4321.", 5555), ("What is 7 minus 19?", -12),
                       ("What is the square root of 144?", 12), ("How much is 15% of 240?", 36)]
 

@@ -23,7 +23,8 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
 # a 1x1 PNG
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+                       "AAAABJRU5ErkJggg==")
 
 
 def _tool(name: str, description: str, properties: dict | None = None, required: list | None = None) -> types.Tool:
@@ -60,7 +61,8 @@ async def call_tool(ctx, params) -> types.CallToolResult:
     if params.name == "picture":
         resource = types.TextResourceContents(uri="note://1", mime_type="text/plain", text="a note")
         return types.CallToolResult(content=[
-            text("a red dot"), types.ImageContent(type="image", data=base64.b64encode(PNG).decode(), mime_type="image/png"),
+            text("a red dot"),
+            types.ImageContent(type="image", data=base64.b64encode(PNG).decode(), mime_type="image/png"),
             types.EmbeddedResource(type="resource", resource=resource)])
     if params.name == "fail":
         return types.CallToolResult(content=[text("the widget is broken")], is_error=True)

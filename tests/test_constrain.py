@@ -161,7 +161,8 @@ def test_free_strings_in_a_call_keep_the_calls_markup_out(value, allowed):
 
     calc = tool("calculator", {"expression": {"type": "string"}}, ["expression"])
     grammar = xgr.Grammar.from_structural_tag(json_call_tag([calc["function"]], auto=False))
-    text = '<tool_call>{"name": "calculator", "arguments": ' + json.dumps({"expression": value}, ensure_ascii=False) + "}</tool_call>"
+    arguments = json.dumps({"expression": value}, ensure_ascii=False)
+    text = '<tool_call>{"name": "calculator", "arguments": ' + arguments + "}</tool_call>"
     assert _is_grammar_accept_string(grammar, text) is allowed
 
 

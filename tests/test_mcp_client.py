@@ -189,7 +189,8 @@ def test_servers_that_fail_to_start_are_warnings_and_the_rest_loads(registry, mo
 def test_a_malformed_result_is_an_error_result(registry):
     load(registry, "mcp:\n" + server("t"))
     garbage = registry.dispatch("garbage", {})
-    assert not garbage.ok and garbage.content.startswith("Error: MCP server 't' answered 'garbage' with a malformed result")
+    assert not garbage.ok
+    assert garbage.content.startswith("Error: MCP server 't' answered 'garbage' with a malformed result")
     assert registry.dispatch("echo", {"text": "fine"}).content == "fine"
 
 

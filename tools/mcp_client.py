@@ -319,7 +319,8 @@ def result_to_tool_result(result: Any) -> ToolResult:
         elif kind == "resource":
             res = block.resource
             text = getattr(res, "text", None)
-            parts.append(text if text is not None else f"[Binary resource {res.uri} ({res.mime_type or 'unknown type'})]")
+            kind_of = res.mime_type or "unknown type"
+            parts.append(text if text is not None else f"[Binary resource {res.uri} ({kind_of})]")
     if not parts and result.structured_content is not None:
         parts.append(json.dumps(result.structured_content, ensure_ascii=False))
     text = "\n".join(p for p in parts if p) or "(no output)"
