@@ -18,7 +18,6 @@ import logging
 import sys
 from typing import Any
 
-log = logging.getLogger(__name__)
 
 
 def build_server(registry: Any) -> Any:
