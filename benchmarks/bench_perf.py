@@ -106,10 +106,24 @@ def sampled(n: int, seed: int = 0) -> GenerationOptions:
 
 
 # --- 1. single stream vs llama.cpp ------------------------------------------------------------------
-def anchor_llama(gguf: Path, n_ctx: int):
+def anchor_llama(gguf: Path, n_ctx: int, extra_buffers: bool):
+    """llama-cpp-python's `Llama` on `gguf`, its default threads as ours. `Llama(...)` has no argument
+    for llama.cpp's extra (repacked) buffers, which crash on AMX CPUs (backends.llamacpp.use_extra_buffers):
+    its model parameters get the same choice as our backend's while it loads."""
+    from unittest import mock
+
+    import llama_cpp.llama_cpp as low
     from llama_cpp import Llama
 
-    return Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)  # its default threads, as ours
+    defaults = low.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = extra_buffers
+        return p
+
+    with mock.patch.object(low, "llama_model_default_params", params):
+        return Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)
 
 
 @off_main
@@ -135,7 +149,7 @@ def single_stream_llamacpp(settings, args):
 
     default = llamacpp.LlamaCppBackend.from_settings(settings)
     native = llamacpp.LlamaCppBackend.from_settings(settings.model_copy(update={"gguf_weights": "native"}))
-    anchor = anchor_llama(default.source_gguf, default.context_window)
+    anchor = anchor_llama(default.source_gguf, default.context_window, native.extra_buffers)
     ids = default.prompt_ids(STORY)
     for b in (default, native):
         timed_stream(b.stream, STORY, greedy(8))
@@ -159,7 +173,7 @@ def single_stream_llamacpp(settings, args):
     del anchor
     # sampled, as users decode, on the same float16 file: each side's own sampler (ours in torch,
     # llama.cpp's in C) and nothing else differs
-    anchor = anchor_llama(default.gguf, default.context_window)
+    anchor = anchor_llama(default.gguf, default.context_window, default.extra_buffers)
     anchor_run(anchor, ids, 8, sample=True)
     ours_s, anchor_s = [], []
     for i in range(args.runs):

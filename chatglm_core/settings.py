@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # what llama.cpp computes a GGUF with: its own quantized weights ("native"), or the weights
     # converted once to bfloat16/float16 (cached); "auto" converts small models (see backends.llamacpp)
     gguf_weights: Literal["auto", "native", "bfloat16", "float16"] = "auto"
+    # llama.cpp's repacked ("extra") weight buffers: "auto" = off on CPUs with AMX, where they crash
+    # (backends.llamacpp.use_extra_buffers), on elsewhere; "on"/"off" force it
+    llama_repack: Literal["auto", "on", "off"] = "auto"
     # CPU threads for one model step; default half the CPUs (see models.loader.cpu_threads)
     threads: int | None = Field(None, ge=1)
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;

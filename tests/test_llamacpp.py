@@ -90,6 +90,10 @@ def test_native_weights_and_the_conversion_cache(small_settings, monkeypatch, tm
     native = llamacpp.LlamaCppBackend.from_settings(small_settings.model_copy(update={"gguf_weights": "native"}))
     try:
         assert native.gguf == native.source_gguf and native.gguf.suffix == ".gguf"
+        # decoding the file's own Q4_1 weights is what segfaulted on AMX CPUs (repacked buffers):
+        # on such a machine this is the regression test, elsewhere it checks native decoding works
+        text, done = text_of(native.stream(FRANCE, GenerationOptions(temperature=0, max_new_tokens=8)))
+        assert done.usage.completion_tokens == 8 and text.strip()
     finally:
         native.close()
     converted = llamacpp.compute_file(native.source_gguf, small_settings)
@@ -126,6 +130,53 @@ def test_same_prompt_ids_as_transformers_and_tokens_as_llama_cpp_itself(llama_ba
             break
         theirs.append(tok)
     assert dec.generated == theirs
+
+
+AMD_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16
+"""
+SAPPHIRE_RAPIDS_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 avx512_fp16 amx_tile amx_int8
+"""
+
+
+def test_extra_buffers_are_off_on_amx_cpus_unless_forced():
+    amd, spr = llamacpp.cpu_flags(AMD_CPUINFO), llamacpp.cpu_flags(SAPPHIRE_RAPIDS_CPUINFO)
+    assert "avx512_vnni" in amd and "amx_int8" in spr
+    assert llamacpp.cpu_flags("processor: 0\n") == set()  # no flags line (not x86): nothing to avoid
+    assert llamacpp.use_extra_buffers("auto", amd) is True
+    assert llamacpp.use_extra_buffers("auto", spr) is False
+    assert llamacpp.use_extra_buffers("auto", set()) is True
+    assert llamacpp.use_extra_buffers("on", spr) is True
+    assert llamacpp.use_extra_buffers("off", amd) is False
+
+
+@needs_llamacpp
+@pytest.mark.parametrize(("cpuinfo", "mode", "expected"), [
+    (SAPPHIRE_RAPIDS_CPUINFO, "auto", False), (AMD_CPUINFO, "auto", True),
+    (AMD_CPUINFO, "off", False), (SAPPHIRE_RAPIDS_CPUINFO, "on", True)])
+def test_the_model_is_loaded_with_the_extra_buffer_choice(small_settings, monkeypatch, cpuinfo, mode, expected):
+    """What llama.cpp itself receives: the model parameters' use_extra_bufts, as the CPU flags decide."""
+    import llama_cpp
+
+    seen = []
+    load = llama_cpp.llama_model_load_from_file
+
+    def spy(path, params):
+        seen.append(params.use_extra_bufts)
+        return load(path, params)
+
+    real_flags = llamacpp.cpu_flags
+    monkeypatch.setattr(llamacpp, "cpu_flags", lambda text=None: real_flags(cpuinfo))  # this machine as that CPU
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", spy)
+    settings = small_settings.model_copy(update={"gguf_weights": "native", "llama_repack": mode})
+    backend = llamacpp.LlamaCppBackend.from_settings(settings)
+    try:
+        assert seen and seen[-1] is expected and backend.extra_buffers is expected
+    finally:
+        backend.close()
 
 
 def llamacpp_run(backend, dec):

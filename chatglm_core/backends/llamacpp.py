@@ -78,19 +78,15 @@ class LlamaCppBackend(LocalBackend):
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
                  n_threads: int | None = None, n_threads_batch: int | None = None, sequences: int = DEFAULT_SEQUENCES,
-                 flash_attn: bool = False) -> None:
+                 flash_attn: bool = False, extra_buffers: bool | None = None) -> None:
         import llama_cpp
 
         _quiet_native_logs()
         self.tokenizer, self.format, self.model_name = tokenizer, fmt, model_name
         self.gguf = self.source_gguf = gguf  # the file computed with; the one the settings named
         self._ll = llama_cpp
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        self._model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mparams)
-        if not self._model:
-            raise ConfigError(f"llama.cpp could not load {gguf}: is it a valid GGUF file of a supported architecture?")
+        self.extra_buffers = use_extra_buffers("auto") if extra_buffers is None else extra_buffers
+        self._model = _load_model(gguf, self.extra_buffers)
         train_ctx = llama_cpp.llama_model_n_ctx_train(self._model)
         self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
         self.n_ctx = self.context_window * sequences
@@ -140,7 +136,7 @@ class LlamaCppBackend(LocalBackend):
         name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
         threads = cpu_threads(settings)
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
-                      n_threads_batch=threads)
+                      n_threads_batch=threads, extra_buffers=use_extra_buffers(settings.llama_repack))
         backend.source_gguf = gguf
         backend.prefill_chunk = settings.prefill_chunk
         if backend.gguf != gguf:
@@ -294,6 +290,49 @@ def _prompt_items(ids: list[int], seq: int, start: int, stop: int) -> list[tuple
     return [(ids[p], p, seq, p == len(ids) - 1) for p in range(start, stop)]
 
 
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags /proc/cpuinfo reports (an empty set where there is none to read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def use_extra_buffers(mode: str, flags: set[str] | None = None) -> bool:
+    """Whether llama.cpp may put weights in its "extra" buffer types (`Settings.llama_repack`).
+
+    Those are the weights llama.cpp repacks at load for faster kernels: its AMX buffers on Intel
+    CPUs with AMX (Sapphire Rapids and newer) and its CPU_REPACK buffers (Q4_0, Q4_K, IQ4_NL, ... on
+    AVX2). On AMX CPUs the AMX path segfaults in llama_decode on quantized weights
+    (ggml_backend_amx_mul_mat; upstream ggml-org/llama.cpp #20824, no fix), taking the whole process
+    down: the app with every user's session. So "auto" turns them off there, like llama-server's
+    --no-repack, and keeps them elsewhere, where the repacked Q4_0/Q4_K_M kernels decode faster (the
+    README's figures). The float16/bfloat16 copies have no extra-buffer path either way."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    flags = cpu_flags() if flags is None else flags
+    return not any(f.startswith("amx") for f in flags)
+
+
+def _load_model(gguf: Path, extra_buffers: bool) -> Any:
+    import llama_cpp as ll
+
+    ll.llama_backend_init()
+    params = ll.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_extra_bufts = extra_buffers
+    model = ll.llama_model_load_from_file(str(gguf).encode(), params)
+    if not model:
+        raise ConfigError(f"llama.cpp could not load {gguf}: is it a valid GGUF file of a supported architecture?")
+    return model
+
+
 def compute_file(gguf: Path, settings: Any) -> Path:
     """The GGUF file llama.cpp should compute with for `settings.gguf_weights` (module docstring):
     `gguf` itself, or its weights converted once to bfloat16/float16 and cached."""
@@ -331,12 +370,7 @@ def _inspect(gguf: Path) -> tuple[int, int | None]:
     import llama_cpp as ll
 
     _quiet_native_logs()
-    ll.llama_backend_init()
-    params = ll.llama_model_default_params()
-    params.n_gpu_layers = 0
-    model = ll.llama_model_load_from_file(str(gguf).encode(), params)
-    if not model:
-        raise ConfigError(f"llama.cpp could not load {gguf}: is it a valid GGUF file of a supported architecture?")
+    model = _load_model(gguf, extra_buffers=False)  # nothing is computed: repacking would be wasted work
     try:
         buf = ctypes.create_string_buffer(32)
         n = ll.llama_model_meta_val_str(model, b"general.file_type", buf, len(buf))
