@@ -117,13 +117,16 @@ def _arguments_schema(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bounded(schema: Any) -> Any:
-    """`schema` with MAX_STRING_CHARS / MAX_ARRAY_ITEMS on strings and arrays that set no bound."""
+    """`schema` with MAX_STRING_CHARS / MAX_ARRAY_ITEMS on strings and arrays that set no bound, free
+    strings kept clear of the call's markup, and `x-grammar-pattern` (a tool's hint) as the pattern."""
     if isinstance(schema, list):
         return [bounded(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: bounded(v) if k != "enum" and k != "const" else v for k, v in schema.items()}
     kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    if kinds == ["string"] and isinstance(out.get("x-grammar-pattern"), str) and "pattern" not in out:
+        out["pattern"] = out.pop("x-grammar-pattern")  # a tool's hint for the grammar only (see tools.builtins)
     free = not any(k in out for k in ("enum", "const", "pattern", "format"))
     if kinds == ["string"] and free and "maxLength" not in out and "minLength" not in out:
         out["pattern"] = FREE_STRING_PATTERN % (MAX_STRING_CHARS - 1)

@@ -252,3 +252,28 @@ def test_json_schema_reply_through_the_engine(small_engine):
                                  GenerationOptions(max_new_tokens=48, temperature=0,
                                                    constraint=Constraint("json_schema", schema=schema)))
     jsonschema.validate(json.loads(done.message.content), schema)
+
+
+def test_a_forced_calculator_call_can_only_write_an_expression():
+    """The built-in calculator hints its expression's shape to the grammar (`x-grammar-pattern`),
+    while the schema check leaves wrong expressions to the calculator's own advice."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from chatglm_core.constrain import json_call_tag
+    from tools.builtins import register_builtins
+    from tools.registry import ToolRegistry
+
+    registry = ToolRegistry()
+    register_builtins(registry)
+    grammar = xgr.Grammar.from_structural_tag(json_call_tag([registry.get("calculator").spec()["function"]],
+                                                            auto=False))
+
+    def accepts(expression):
+        arguments = json.dumps({"expression": expression})
+        return _is_grammar_accept_string(grammar, '<tool_call>{"name": "calculator", "arguments": ' + arguments
+                                         + "}</tool_call>")
+
+    assert all(map(accepts, ["17*23", "(3 + 4) * 5", "sqrt(144)", "-7 + 2**10", "0.15 * 240"]))
+    assert not any(map(accepts, ["{6} * {9}", "= 240", ".5", "The result is 12", "2 ^ 3"]))
+    assert "write 2 ** 10" in registry.dispatch("calculator", {"expression": "2 ^ 3"}).content
