@@ -4,6 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PORT   ?= 8501
+# 127.0.0.1: this machine only. HOST=0.0.0.0 opens the app to the network, which needs accounts
+# (`$(PY) -m chatglm_core.users add NAME`) or CHATGLM_ALLOW_ANONYMOUS=1 (see README "Sharing the app").
+HOST   ?= 127.0.0.1
 # On a machine without CUDA the CPU build (2.13.0 lies on this disk). With a GPU, pre-install your
 # CUDA torch in .venv (see README) or pass e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124".
 TORCH  ?= torch==2.13.0
@@ -46,7 +49,8 @@ system-deps:
 	else echo "system-deps: not root or no apt-get; install bubblewrap, chromium and chromium-driver yourself"; fi
 
 run: setup
-	$(VENV)/bin/streamlit run main.py --server.port $(PORT)
+	$(PY) -m webui.auth $(HOST)
+	$(VENV)/bin/streamlit run main.py --server.port $(PORT) --server.address $(HOST)
 
 cli: setup
 	$(PY) -m chatglm_core.cli

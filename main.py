@@ -9,10 +9,13 @@ lives in webui/.
 
 import streamlit as st
 
-from webui import sidebar, state
+from webui import auth, sidebar, state
 from webui.turn import stop_generation
 
 st.set_page_config(page_title="ChatGLM Workbench", page_icon=":material/forum:", layout="centered")
+# Before anything else: refuses to serve a network address without logins, and shows nothing but the
+# login form until this session has logged in (when there are accounts).
+auth.gate()
 
 # Any interaction reruns the script: whatever this session was generating stops here, its partial
 # reply kept (the interrupted run may still be unwinding on its own thread; see webui/turn.py).

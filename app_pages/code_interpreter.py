@@ -30,7 +30,7 @@ if (rerun := st.session_state.pop("rerun_code", None)) is not None:
             break
 
 generate |= flow.history_and_input(conv, MODE, placeholder="Ask for something to compute or plot…",
-                                   enabled=engine is not None)
+                                   enabled=engine is not None, busy=generate)
 
 if generate and engine is not None and (box := interpreter_panel.sandbox()) is not None:
     messages = sidebar.system_messages(MODE) + conv.messages
@@ -39,13 +39,13 @@ if generate and engine is not None and (box := interpreter_panel.sandbox()) is n
     def events(cancel):
         history = list(messages)
         if edited is not None:
-            for ev in interpreter_panel.run_code_events(box, edited):
+            for ev in interpreter_panel.run_code_events(box, edited, engine.backend):
                 if isinstance(ev, ToolResultEvent):
                     history.append(ev.message)
                 yield ev
         if not cancel.is_set():
             # no tools here, only the interpreter: an empty registry
             yield from run_agent(engine, history, registry=ToolRegistry(), options=options, sandbox=box,
-                                 max_rounds=state.settings().max_tool_rounds, cancel=cancel)
+                                 max_rounds=state.settings().max_tool_rounds, cancel=cancel, fit_context=True)
 
     run_turn(conv, events, on_stop=box.interrupt)

@@ -41,7 +41,7 @@ if generate and engine is not None:
     options = sidebar.generation_options()
     paused = run_turn(conv, lambda cancel: run_agent(
         engine, messages, registry=registry, options=options, tool_choice=setup.agent_tool_choice, sandbox=None,
-        max_rounds=state.settings().max_tool_rounds, cancel=cancel))
+        max_rounds=state.settings().max_tool_rounds, cancel=cancel, fit_context=True))
     if isinstance(paused, NeedObservation):
         st.session_state[f"pending_{MODE}"] = paused.call
         st.rerun()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from chatglm_core.backends.base import Constraint, GenerationOptions
+from chatglm_core.context import cap_result
 from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
 from chatglm_core.formats.parsing import TOOL_CALL_OPEN
@@ -52,6 +53,7 @@ def run_agent(
     sandbox: SandboxLike | None = None,
     max_rounds: int = 5,
     cancel: threading.Event | None = None,
+    fit_context: bool = False,
 ) -> Iterator[Event]:
     """Events of one user turn, through at most `max_rounds` rounds of tool calls.
 
@@ -59,7 +61,9 @@ def run_agent(
     reply must be a call) or {"name": tool} / {"function": {"name": tool}} (a call of that tool).
     Forcing applies to the first generation only; later rounds are "auto", so the model can
     answer with the results. A malformed call is answered with an observation saying what was
-    wrong, and counts as a round.
+    wrong, and counts as a round. fit_context: each generation sees the conversation fitted to the
+    context window (`Engine.stream`'s ContextTrimmed events are passed on). Every tool result is
+    capped at a share of the context window, in tokens (`chatglm_core.context.cap_result`).
     """
     options = options or options_for(engine.backend)
     tools = registry.get_tools() if tool_choice != "none" else []
@@ -77,7 +81,8 @@ def run_agent(
         # its own, and the caller's `cancel` is relayed to it as events arrive.
         generation = threading.Event()
         done = None
-        for ev in engine.stream(convo, opts, tools=tools or None, interpreter=sandbox is not None, cancel=generation):
+        for ev in engine.stream(convo, opts, tools=tools or None, interpreter=sandbox is not None, cancel=generation,
+                                fit_context=fit_context):
             if cancel is not None and cancel.is_set():
                 generation.set()
             if isinstance(ev, Done):
@@ -115,7 +120,8 @@ def run_agent(
                 continue
             yield ToolCallEvent(call)
             result = _run_call(call, registry, sandbox)
-            reply = Message(Role.TOOL, result.content, tool_call_id=call.id, name=call.name, images=result.images)
+            reply = Message(Role.TOOL, cap_result(result.content, engine.backend), tool_call_id=call.id,
+                            name=call.name, images=result.images)
             convo.append(reply)
             yield ToolResultEvent(call, reply, result.ok)
         if manual:

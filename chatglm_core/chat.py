@@ -60,13 +60,16 @@ def stream_chat(query: str, history: list[dict[str, Any]] | None = None, *, role
     """Yield (response so far, history including this exchange) as the reply grows.
 
     Options: max_new_tokens, temperature (0 = greedy), top_p, repetition_penalty, stop, seed…
+    A history longer than the context window loses its oldest turns from the model's view
+    (`chatglm_core.context`); `history` itself is returned whole.
     """
     engine = engine or get_engine()
     history = list(history or [])
     messages = history_to_messages(history) + [Message(Role(role if role != "observation" else "tool"), query)]
     new_history = history + [{"role": role, "content": query}]
     response = ""
-    for ev in engine.stream(messages, options_from(backend=engine.backend, **options), cancel=cancel):
+    for ev in engine.stream(messages, options_from(backend=engine.backend, **options), cancel=cancel,
+                            fit_context=True):
         if isinstance(ev, TextDelta):
             response += ev.text
             yield response, new_history + [{"role": "assistant", "content": response}]

@@ -13,9 +13,10 @@ import threading
 from typing import TextIO
 
 from chatglm_core.chat import options_from
+from chatglm_core.context import notice_text
 from chatglm_core.engine import Engine
 from chatglm_core.errors import ChatGLMError
-from chatglm_core.messages import Done, Message, Role, TextDelta
+from chatglm_core.messages import ContextTrimmed, Done, Message, Role, TextDelta
 from chatglm_core.settings import Settings, load_settings
 
 WELCOME = "Chat with {model} ({device}). Type 'clear' to reset, 'stop' or 'exit' to quit, Ctrl-C stops a reply."
@@ -65,8 +66,10 @@ class ChatSession:
         try:
             for ev in self.engine.stream(self.messages(query), options_from(self.settings, self.engine.backend,
                                                                                    seed=self.seed),
-                                         cancel=self.cancel):
-                if isinstance(ev, TextDelta):
+                                         cancel=self.cancel, fit_context=True):
+                if isinstance(ev, ContextTrimmed):
+                    out.write(f"[{notice_text(len(ev.left_out), len(ev.cut), ev.context_window)}]\n")
+                elif isinstance(ev, TextDelta):
                     text += ev.text
                     out.write(ev.text)
                     out.flush()

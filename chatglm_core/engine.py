@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatglm_core.backends.base import Backend, GenerationOptions
+from chatglm_core.context import ContextFit, fit_messages, prompt_budget
 from chatglm_core.errors import ChatGLMError, GenerationError, RequestError, check_unicode
-from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
+from chatglm_core.messages import ContextTrimmed, Done, Message, Role, TextDelta, Usage
 from chatglm_core.sampling import options_for
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,46 @@ class Engine:
         tools: list[dict[str, Any]] | None = None,
         interpreter: bool = False,
         cancel: threading.Event | None = None,
-    ) -> Iterator[TextDelta | Done]:
-        """Events of one generation: TextDeltas, then a Done. Raises ChatGLMError subclasses."""
-        validate_messages(messages)
-        req = _Request(messages, options or options_for(self.backend), tools, interpreter, cancel or threading.Event())
-        return self._events(req)
+        fit_context: bool = False,
+    ) -> Iterator[TextDelta | Done | ContextTrimmed]:
+        """Events of one generation: TextDeltas, then a Done. Raises ChatGLMError subclasses.
 
-    def _events(self, req: _Request) -> Iterator[TextDelta | Done]:
+        fit_context: leave the oldest turns out (and cut a too-long newest one) when the prompt would
+        not fit the context window with room for the reply; a ContextTrimmed event comes first then.
+        Without it a prompt that does not fit is a RequestError (context_length_exceeded).
+        """
+        validate_messages(messages)
+        options = options or options_for(self.backend)
+        notice = None
+        if fit_context:
+            fit = self.fit(messages, options, tools=tools, interpreter=interpreter)
+            if fit.trimmed:
+                messages = fit.messages
+                notice = ContextTrimmed(fit.left_out, fit.cut, self.backend.context_window or 0)
+        req = _Request(messages, options, tools, interpreter, cancel or threading.Event())
+        return self._events(req, notice)
+
+    def fit(self, messages: list[Message], options: GenerationOptions | None = None, *,
+            tools: list[dict[str, Any]] | None = None, interpreter: bool = False) -> ContextFit:
+        """What the model would see of `messages` (see `chatglm_core.context`); as they are when the
+        backend does not know its context window (a remote engine)."""
+        window = self.backend.context_window
+        if not window:
+            return ContextFit(list(messages))
+        options = options or options_for(self.backend)
+        prompt_ids = getattr(self.backend, "prompt_ids", None)  # a local backend: the exact prompt
+
+        def count(ms: list[Message]) -> int:
+            if prompt_ids is not None:
+                return len(prompt_ids(ms, tools, interpreter))
+            return self.backend.count_tokens(ms, tools)
+
+        return fit_messages(messages, count, prompt_budget(window, options.max_new_tokens))
+
+    def _events(self, req: _Request,
+                notice: ContextTrimmed | None = None) -> Iterator[TextDelta | Done | ContextTrimmed]:
+        if notice is not None:
+            yield notice
         if self._batching:
             self._submit(req)
         else:

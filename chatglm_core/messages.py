@@ -175,4 +175,15 @@ class NeedObservation:
     call: ToolCall
 
 
-Event = TextDelta | Done | ToolCallEvent | ToolResultEvent | NeedObservation
+@dataclass
+class ContextTrimmed:
+    """The conversation outgrew the context window: the model does not see `left_out` (the oldest
+    turns) and sees only part of each message in `cut` (see `chatglm_core.context`). The messages
+    are the caller's own objects, so a front end can point at them."""
+
+    left_out: list[Message]
+    cut: list[Message]
+    context_window: int
+
+
+Event = TextDelta | Done | ToolCallEvent | ToolResultEvent | NeedObservation | ContextTrimmed

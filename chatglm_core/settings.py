@@ -94,6 +94,19 @@ class Settings(BaseSettings):
     served_model_name: str | None = None
     model_aliases: str = "chatglm3-6b"  # comma-separated names the API also accepts for the served model
 
+    # --- documents attached to a conversation (chatglm_core.documents) ------------------------
+    documents_max_bytes: int = Field(50_000_000, ge=1)  # one uploaded file
+    documents_max_pages: int = Field(2000, ge=1)  # PDF pages or slides
+    documents_max_chars: int = Field(5_000_000, ge=1)  # text extracted from one file
+    documents_timeout: float = Field(60.0, gt=0)  # seconds to parse one file (in a child process)
+    documents_top_k: int = Field(5, ge=1)  # passages put in the prompt under retrieval
+
+    # --- the web app's accounts (chatglm_core.users, webui/auth.py) ---------------------------------
+    # serve a non-loopback address with no way to log in (otherwise the app refuses to)
+    allow_anonymous: bool = False
+    session_hours: float = Field(12.0, gt=0)  # a login lasts this long (then the login page again)
+    login_free_failures: int = Field(5, ge=1)  # failed logins per name / client before delays start
+
     @field_validator("model_path", "remote_base_url", "device_map", "embedding_path", "tools", "ipykernel",
                      mode="before")
     @classmethod

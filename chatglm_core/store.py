@@ -178,3 +178,114 @@ def _call_markdown(c: ToolCall) -> list[str]:
     if c.code:
         return ["```python", c.code, "```", ""]
     return [f"Calling tool `{c.name}`:", "", "```json", json.dumps(c.arguments, ensure_ascii=False, indent=2), "```", ""]
+
+
+# --- a conversation's documents (chatglm_core.documents) --------------------------------------
+_DOCUMENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    id TEXT PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    sections TEXT NOT NULL,
+    embedding TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS documents_by_conversation ON documents (client_id, conversation_id);
+CREATE TABLE IF NOT EXISTS document_chunks (
+    document_id TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    page INTEGER,
+    section TEXT,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (document_id, ordinal)
+);
+CREATE TABLE IF NOT EXISTS document_turns (
+    client_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL,
+    message_index INTEGER NOT NULL,
+    context TEXT NOT NULL,
+    PRIMARY KEY (client_id, conversation_id, message_index)
+);
+CREATE TRIGGER IF NOT EXISTS conversation_owns_documents AFTER DELETE ON conversations BEGIN
+    DELETE FROM documents WHERE conversation_id = OLD.id AND client_id = OLD.client_id;
+    DELETE FROM document_turns WHERE conversation_id = OLD.id AND client_id = OLD.client_id;
+END;
+CREATE TRIGGER IF NOT EXISTS document_owns_chunks AFTER DELETE ON documents BEGIN
+    DELETE FROM document_chunks WHERE document_id = OLD.id;
+END;
+"""
+
+
+@dataclass
+class StoredChunk:
+    text: str
+    page: int | None
+    section: str | None
+    vector: bytes  # float32, little-endian
+
+
+class DocumentStore:
+    """Documents attached to conversations, in the conversations' sqlite file.
+
+    Every row carries the browser's client id and every query filters on it, so one browser never
+    reads another's documents. Triggers delete a conversation's documents, chunks and per-turn
+    passages with it (whichever code path deletes the conversation).
+    """
+
+    def __init__(self, conversations: ConversationStore) -> None:
+        self.conversations = conversations
+        with conversations._connect() as db:
+            db.executescript(_DOCUMENTS_SCHEMA)
+
+    def add(self, client_id: str, conversation_id: str, name: str, sections: list[dict[str, Any]],
+            chunks: list[StoredChunk], embedding: str) -> str:
+        """Store a document, its chunks and their vectors (made by the embedding model named `embedding`)."""
+        doc_id = uuid.uuid4().hex
+        with self.conversations._connect() as db:
+            db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (doc_id, client_id, conversation_id, name, json.dumps(sections, ensure_ascii=False), embedding,
+                        time.time()))
+            db.executemany("INSERT INTO document_chunks VALUES (?, ?, ?, ?, ?, ?)",
+                           [(doc_id, i, c.text, c.page, c.section, c.vector) for i, c in enumerate(chunks)])
+        return doc_id
+
+    def documents(self, client_id: str, conversation_id: str) -> list[tuple[str, str, list[dict[str, Any]], str]]:
+        """(id, name, sections, embedding model) of each document, oldest first."""
+        with self.conversations._connect() as db:
+            rows = db.execute("SELECT id, name, sections, embedding FROM documents WHERE client_id = ? AND "
+                              "conversation_id = ? ORDER BY created_at", (client_id, conversation_id)).fetchall()
+        return [(i, n, json.loads(s), e) for i, n, s, e in rows]
+
+    def replace_vectors(self, client_id: str, document_id: str, vectors: list[bytes], embedding: str) -> None:
+        """New vectors for a document's chunks, in order (after the embedding model changed)."""
+        with self.conversations._connect() as db:
+            if db.execute("UPDATE documents SET embedding = ? WHERE id = ? AND client_id = ?",
+                          (embedding, document_id, client_id)).rowcount:
+                db.executemany("UPDATE document_chunks SET vector = ? WHERE document_id = ? AND ordinal = ?",
+                               [(v, document_id, i) for i, v in enumerate(vectors)])
+
+    def chunks(self, client_id: str, document_id: str) -> list[StoredChunk]:
+        with self.conversations._connect() as db:
+            rows = db.execute("SELECT c.text, c.page, c.section, c.vector FROM document_chunks c JOIN documents d "
+                              "ON d.id = c.document_id WHERE d.id = ? AND d.client_id = ? ORDER BY c.ordinal",
+                              (document_id, client_id)).fetchall()
+        return [StoredChunk(*r) for r in rows]
+
+    def remove(self, client_id: str, document_id: str) -> bool:
+        with self.conversations._connect() as db:
+            cur = db.execute("DELETE FROM documents WHERE id = ? AND client_id = ?", (document_id, client_id))
+        return cur.rowcount > 0
+
+    def save_turn(self, client_id: str, conversation_id: str, message_index: int, context: dict[str, Any]) -> None:
+        """The passages given to the model for the user message at `message_index` (for citations)."""
+        with self.conversations._connect() as db:
+            db.execute("INSERT OR REPLACE INTO document_turns VALUES (?, ?, ?, ?)",
+                       (client_id, conversation_id, message_index, json.dumps(context, ensure_ascii=False)))
+
+    def turns(self, client_id: str, conversation_id: str) -> dict[int, dict[str, Any]]:
+        with self.conversations._connect() as db:
+            rows = db.execute("SELECT message_index, context FROM document_turns WHERE client_id = ? AND "
+                              "conversation_id = ?", (client_id, conversation_id)).fetchall()
+        return {i: json.loads(c) for i, c in rows}

@@ -18,14 +18,16 @@ from typing import Any
 from chatglm_core.backends.base import GenerationOptions
 from chatglm_core.chat import options_from
 from chatglm_core.cli import add_model_arguments, load_engine
+from chatglm_core.context import notice_text
 from chatglm_core.engine import Engine
 from chatglm_core.errors import ChatGLMError
-from chatglm_core.messages import Done, Message, Role, TextDelta
+from chatglm_core.messages import ContextTrimmed, Done, Message, Role, TextDelta
 from chatglm_core.settings import Settings
 
 INSTALL_HINT = ("error: the Gradio web chat needs gradio, which is not installed.\n"
                 "Install it with:  .venv/bin/pip install -r requirements-gradio.txt")
 STOPPED = " [stopped]"
+CONTEXT_TITLE = "Earlier messages are no longer seen by the model"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,8 +89,12 @@ class WebChat:
         with self._lock:
             self._cancels[session] = cancel
         try:
-            for ev in self.engine.stream(messages, options, cancel=cancel):
-                if isinstance(ev, TextDelta):
+            for ev in self.engine.stream(messages, options, cancel=cancel, fit_context=True):
+                if isinstance(ev, ContextTrimmed):  # a note in the chat (metadata: never sent to the model)
+                    history.append({"role": "assistant", "content": notice_text(len(ev.left_out), len(ev.cut),
+                                                                                ev.context_window),
+                                    "metadata": {"title": CONTEXT_TITLE}})
+                elif isinstance(ev, TextDelta):
                     reply += ev.text
                     yield history + [{"role": "assistant", "content": reply}], ""
                 elif isinstance(ev, Done) and ev.finish_reason == "cancelled":

@@ -43,3 +43,24 @@ def test_cli_bad_model_path_exits_with_clear_error(tmp_path):
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr
+
+
+def test_cli_conversation_longer_than_the_window_goes_on(small_backend, small_settings, monkeypatch):
+    """Three windows' worth of turns with the real model: every turn is answered, and the terminal
+    says when the oldest messages leave the model's view."""
+    import io
+
+    from chatglm_core.cli import ChatSession, repl
+    from chatglm_core.engine import Engine
+
+    monkeypatch.setattr(small_backend, "context_window", 512)
+    s = small_settings.model_copy(update={"temperature": 0.0, "max_new_tokens": 4})
+    session = ChatSession(Engine(small_backend), s)
+    out = io.StringIO()
+    lines = "".join(f"Note {i}: " + "the quick brown fox jumps over the lazy dog. " * 30 + "\n" for i in range(6))
+    repl(session, io.StringIO(lines + "Hi\n"), out)
+    text = out.getvalue()
+    assert "[error]" not in text and len(session.history) == 14
+    assert len(small_backend.prompt_ids(session.history)) > 3 * 512
+    assert "[The model no longer sees the 2 earliest messages of this conversation" in text
+    assert all(m.content.strip() for m in session.history if m.role.value == "assistant")

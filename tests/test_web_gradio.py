@@ -292,3 +292,27 @@ def test_core_modules_do_not_import_gradio():
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_a_long_history_is_answered_with_a_note(small_backend, small_settings, monkeypatch):
+    """Through Gradio's own HTTP API: a history longer than the window still gets a reply, and the
+    chat shows a note (a metadata message, which is never sent back to the model)."""
+    from gradio_client import Client
+
+    from chatglm_core.engine import Engine
+    from chatglm_core.web_gradio import CONTEXT_TITLE, WebChat, build_app
+
+    monkeypatch.setattr(small_backend, "context_window", 512)
+    app = build_app(WebChat(Engine(small_backend), small_settings))
+    app.queue().launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(app.local_url, verbose=False)
+        long_turn = "the quick brown fox jumps over the lazy dog. " * 40
+        history = [{"role": r, "content": [{"type": "text", "text": long_turn}]} for r in ("user", "assistant") * 3]
+        out, _ = client.predict("Hi", history, "", 0, 0.9, 4, api_name="/chat")
+        notes = [h for h in out if (h.get("metadata") or {}).get("title") == CONTEXT_TITLE]
+        assert len(notes) == 1 and "no longer sees the 6 earliest messages" in text_of(notes[0]["content"])
+        assert out[-1]["role"] == "assistant" and last_reply(out).strip()
+        assert len(to_messages("", out, "again")) == 9  # the note is not part of the conversation
+    finally:
+        app.close()

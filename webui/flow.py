@@ -6,11 +6,13 @@ the agent loop for tools and the interpreter).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import streamlit as st
 
-from chatglm_core.messages import Message, Role
+from chatglm_core.messages import ContextTrimmed, Message, Role
 from chatglm_core.store import Conversation
-from webui import state
+from webui import sidebar, state
 from webui.bubbles import show_history
 from webui.markdown import to_markdown
 
@@ -54,9 +56,13 @@ def truncate_after_last_user(conv: Conversation) -> bool:
     return False
 
 
-def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool) -> bool:
-    """Show the conversation and the chat box; True when a new user message was just added."""
-    show_history(conv.messages, mode=mode)
+def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enabled: bool,
+                      busy: bool = False, after: Callable[[int, Message], None] | None = None) -> bool:
+    """Show the conversation and the chat box; True when a new user message was just added.
+
+    `busy`: a turn is about to run (no Edit & re-run over a running cell). `after(i, message)` draws
+    extra content in a message's bubble (the chat page's citations)."""
+    show_history(conv.messages, mode=mode, context=_context_view(conv, mode), editable=not busy, after=after)
     prompt = st.chat_input(placeholder, disabled=not enabled, key=f"input_{mode}")
     if not prompt or not prompt.strip():
         return False
@@ -65,3 +71,19 @@ def history_and_input(conv: Conversation, mode: str, *, placeholder: str, enable
     with st.chat_message("user"):
         st.markdown(to_markdown(prompt))
     return True
+
+
+def _context_view(conv: Conversation, mode: str) -> ContextTrimmed | None:
+    """What the model does not see of `conv`: its last turn's view (set by `turn`), else, after a
+    refresh or for a reopened conversation, what it would see of the conversation now (its tools'
+    descriptions not counted: an estimate a little on the kind side)."""
+    views = state.context_views()
+    if conv.id not in views and conv.messages and (engine := state.loaded_engine()) is not None:
+        try:
+            fit = engine.fit(sidebar.system_messages(mode) + conv.messages, sidebar.generation_options(),
+                             interpreter=mode == "interpreter")
+        except Exception:  # noqa: BLE001 - only a note: one that can't be computed never breaks the page
+            return None
+        window = engine.backend.context_window or 0
+        views[conv.id] = ContextTrimmed(fit.left_out, fit.cut, window) if fit.trimmed else None
+    return views.get(conv.id)

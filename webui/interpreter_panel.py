@@ -83,7 +83,8 @@ def _files(box: Any | None) -> None:
         if box is None:
             st.caption("The kernel starts with the first code the model runs.")
             return
-        files = sorted(p for p in box.work_dir.rglob("*") if p.is_file() and not p.is_symlink())
+        files = sorted(p for p in box.work_dir.rglob("*") if p.is_file() and not p.is_symlink()
+                       and not _hidden(p.relative_to(box.work_dir)))
         for p in files[:MAX_LISTED_FILES]:
             rel = p.relative_to(box.work_dir).as_posix()
             size = p.stat().st_size
@@ -97,15 +98,24 @@ def _files(box: Any | None) -> None:
             st.caption(f"…and {len(files) - MAX_LISTED_FILES} more")
 
 
+def _hidden(rel: Path) -> bool:
+    """Dot files and folders (the kernel's .cache/fontconfig, .config/matplotlib…) and __pycache__:
+    the kernel's housekeeping, not the user's files."""
+    return any(part.startswith(".") or part == "__pycache__" for part in rel.parts)
+
+
 def _size(n: int) -> str:
     return f"{n} B" if n < 1000 else f"{n / 1000:.0f} kB" if n < 1_000_000 else f"{n / 1_000_000:.1f} MB"
 
 
-def run_code_events(box: Any, call: ToolCall) -> Any:
-    """Run an edited cell directly (no model), as the events an agent round would give."""
+def run_code_events(box: Any, call: ToolCall, backend: Any) -> Any:
+    """Run an edited cell directly (no model), as the events an agent round would give (its output
+    capped in tokens for `backend`'s context window, as the agent caps it)."""
     from chatglm_core.agent import exec_result_text
+    from chatglm_core.context import cap_result
 
     yield ToolCallEvent(call)
     result = exec_result_text(box.run(call.code))
-    message = Message(Role.TOOL, result.content, tool_call_id=call.id, name=INTERPRETER, images=result.images)
+    message = Message(Role.TOOL, cap_result(result.content, backend), tool_call_id=call.id, name=INTERPRETER,
+                      images=result.images)
     yield ToolResultEvent(call, message, result.ok)

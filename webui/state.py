@@ -13,6 +13,7 @@ import uuid
 import streamlit as st
 
 from chatglm_core.engine import Engine
+from chatglm_core.messages import ContextTrimmed
 from chatglm_core.settings import Settings, load_settings
 from chatglm_core.store import Conversation, ConversationStore
 
@@ -69,7 +70,13 @@ def store() -> ConversationStore:
 
 # --- this browser -------------------------------------------------------------------------------
 def client_id() -> str:
-    """The browser's id: from this session, else the URL, else new; always written back to the URL."""
+    """The browser's id: from this session, else the URL, else new; always written back to the URL.
+
+    Logged in (webui/auth.py), it is the account's id instead ("user:NAME", never a URL's hex id), so
+    conversations and the code interpreter's kernel belong to the account."""
+    owner = st.session_state.get("auth_owner")
+    if owner:
+        return owner
     cid = st.session_state.get("client_id")
     if not cid:
         from_url = st.query_params.get("cid", "")
@@ -108,3 +115,12 @@ def mark_stopped(message: object) -> None:
 def was_stopped(message: object) -> bool:
     """Whether the user stopped this reply (shown with a note; session-only)."""
     return id(message) in st.session_state.get("stopped", {})
+
+
+def context_views() -> dict[str, ContextTrimmed | None]:
+    """conversation id → what the model did not see of it in its last turn (session-only)."""
+    return st.session_state.setdefault("context_view", {})
+
+
+def set_context_view(conv: Conversation, notice: ContextTrimmed | None) -> None:
+    context_views()[conv.id] = notice

@@ -20,6 +20,7 @@ import streamlit as st
 
 from chatglm_core.errors import ConfigError
 from webui import state
+from webui.bubbles import escape_md
 
 SESSION_SOURCE = "yaml editor (this session)"
 SHELL_TOOLS = {"shell"}
@@ -90,8 +91,13 @@ def _yaml_editor(registry: Any) -> None:
         if upload is not None and st.session_state.get("tools_upload_id") != upload.file_id:
             st.session_state["tools_upload_id"] = upload.file_id
             st.session_state["tools_yaml"] = upload.getvalue().decode("utf-8", errors="replace")
+            st.session_state["tools_upload_unloaded"] = upload.name
+        if name := st.session_state.get("tools_upload_unloaded"):  # filling the editor loads nothing yet
+            st.info(f"{escape_md(name)} is in the editor below: press **Load / reload** to use its tools.",
+                    icon=":material/info:")
         st.text_area("YAML", key="tools_yaml", height=220, placeholder="tools:\n  - name: ...")
         if st.button("Load / reload", key="tools_reload", icon=":material/sync:"):
+            st.session_state.pop("tools_upload_unloaded", None)
             with st.spinner("Loading tools (and starting MCP servers)…"):
                 _reload(registry, st.session_state.get("tools_yaml", ""))
         if msg := st.session_state.pop("tools_message", None):

@@ -27,23 +27,28 @@ from typing import Any
 
 import streamlit as st
 
+from chatglm_core.context import notice_text
 from chatglm_core.errors import ChatGLMError
 from chatglm_core.messages import (
+    INTERPRETER,
+    ContextTrimmed,
     Done,
     Message,
     NeedObservation,
     Role,
     TextDelta,
+    ToolCall,
     ToolCallEvent,
     ToolResultEvent,
 )
 from chatglm_core.store import Conversation
 from webui import state
-from webui.bubbles import OBSERVATION_AVATAR, escape_md, show_call, show_observation
+from webui.bubbles import CODE_RAN, OBSERVATION_AVATAR, escape_md, show_call, show_observation
 from webui.markdown import to_markdown
 
 POLL_S = 0.25
 _END = object()
+INTERRUPTED = "Interrupted: the user stopped {what} before it finished, so it produced no result."
 
 
 def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[Any]], *,
@@ -55,13 +60,15 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
     cancel = threading.Event()
     live = _LiveTurn(conv, cancel)
     st.session_state["inflight"] = live
-    st.button("Stop", key="stop", icon=":material/stop_circle:", on_click=stop_generation)
+    stop_slot = st.empty()
+    stop_slot.button("Stop", key="stop", icon=":material/stop_circle:", on_click=stop_generation)
     finished = failed = False
     try:
         paused = live.consume(_pump(events, cancel, live.stopped))
         finished = True
     except ChatGLMError as e:
         finished = failed = True
+        stop_slot.empty()  # nothing left to stop
         st.error(f"Generation failed: {e}")
     finally:
         if not finished:
@@ -135,6 +142,11 @@ class _LiveTurn:
         self.bubble: Any = None
         self.waiting = st.empty()
         self.started = time.monotonic()
+        self.running: ToolCall | None = None  # the call being run (a tool, a code cell), if any
+        self.captions: dict[str, Any] = {}  # call id → its "Running code…" caption slot
+        self.lock = threading.Lock()  # stop() runs on the next run's thread
+        self.noticed = False
+        state.set_context_view(conv, None)  # until this turn's generation says otherwise, the model sees it all
 
     def consume(self, events: Iterator[Any]) -> NeedObservation | None:
         for ev in events:
@@ -147,7 +159,11 @@ class _LiveTurn:
                 self._text(ev.text)
             elif isinstance(ev, Done):
                 self._done(ev)
+            elif isinstance(ev, ContextTrimmed):
+                self._context(ev)
             elif isinstance(ev, ToolCallEvent):
+                with self.lock:
+                    self.running = ev.call
                 self.waiting.caption(f":material/hourglass_top: running {escape_md(ev.call.name)}…")
             elif isinstance(ev, ToolResultEvent):
                 self._result(ev)
@@ -192,13 +208,28 @@ class _LiveTurn:
             bubble.warning(f"The model's tool call could not be read: {ev.parse_error}")
         with bubble:
             for call in message.tool_calls:
-                show_call(call)
+                slot = show_call(call, live=True)
+                if slot is not None:
+                    self.captions[call.id] = slot
         # the next round (after a tool result) opens a new bubble
         self.partial, self.text_slot, self.bubble = None, None, None
 
+    def _context(self, ev: ContextTrimmed) -> None:
+        """Some of the conversation no longer fits: remember what (the history marks it), say so now."""
+        state.set_context_view(self.conv, ev)
+        if not self.noticed:
+            self.noticed = True
+            st.info(notice_text(len(ev.left_out), len(ev.cut), ev.context_window), icon=":material/visibility_off:")
+
     def _result(self, ev: ToolResultEvent) -> None:
         self.waiting.empty()
-        self.conv.messages.append(ev.message)
+        with self.lock:
+            if self.stopped.is_set():
+                return  # stop() already answered the call
+            self.running = None
+            self.conv.messages.append(ev.message)
+        if (slot := self.captions.pop(ev.call.id, None)) is not None:
+            slot.caption(CODE_RAN)
         with st.chat_message("observation", avatar=OBSERVATION_AVATAR):
             show_observation(ev.message)
             if not ev.ok:
@@ -206,9 +237,21 @@ class _LiveTurn:
 
     def stop(self) -> None:
         """Called from the next run (or the Stop button's callback): no element updates here."""
-        self.stopped.set()
-        self.cancel.set()
+        with self.lock:
+            self.stopped.set()
+            self.cancel.set()
+            self._answer_interrupted()
         self.close(stopped=True)
+
+    def _answer_interrupted(self) -> None:
+        """A call stopped while it ran gets an observation saying so, so the model and the user both
+        read what happened (its output, if any, is lost with the interrupted run)."""
+        call, self.running = self.running, None
+        if call is None:
+            return
+        what = "this code cell" if call.name == INTERPRETER else f"the call of {call.name}"
+        self.conv.messages.append(Message(Role.TOOL, INTERRUPTED.format(what=what), tool_call_id=call.id,
+                                          name=call.name))
 
     def close(self, *, stopped: bool) -> None:
         """Bookkeeping only (no element updates: this may run while Streamlit unwinds a rerun)."""
