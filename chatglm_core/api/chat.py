@@ -49,6 +49,9 @@ def plan_chat(req: ChatCompletionRequest, settings: Settings, backend: Any) -> C
     validate_messages(messages)
     base = _options(req, settings, backend)
     base.constraint = _constraint(req, tools, choice)
+    if _structured(base.constraint) and req.repetition_penalty is None \
+            and "repetition_penalty" not in sampling.of(backend, settings).from_model:
+        base.repetition_penalty = 1.0  # a penalty on JSON's repeated quotes and keys makes greedy JSON ramble
     options = []
     for i in range(req.n):
         opt = dataclasses.replace(base)
@@ -144,7 +147,7 @@ def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> Ge
     temperature = d.temperature if req.temperature is None else req.temperature
     # The same repetition penalty as the app (the model's own, else ours, 1.05), not OpenAI's 1.0: on the
     # embedded SmolLM2 via llama.cpp, requests without sampling options said "Paris" 64/90 times at 1.0
-    # and 75/90 at 1.05, and JSON mode stayed 30/30 valid at both (benchmarks/bench_api_defaults.py)
+    # and 75/90 at 1.05 (benchmarks/bench_api_defaults.py). Structured replies keep 1.0 (plan_chat).
     penalty = d.repetition_penalty
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return GenerationOptions(
@@ -158,6 +161,11 @@ def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> Ge
         stop=[s for s in stop if s],
         seed=req.seed,
     )
+
+
+def _structured(constraint: Constraint | None) -> bool:
+    """JSON mode or a forced call: the whole reply is structure (an `auto` tool call is mostly text)."""
+    return constraint is not None and not constraint.auto
 
 
 def _constraint(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None, choice: Any) -> Constraint | None:
