@@ -50,6 +50,18 @@ def test_forced_tool_call_round_trip(client):
     assert final.choices[0].finish_reason in ("stop", "length")
 
 
+def test_an_agent_round_after_the_first_reuses_the_cached_prompt(client):
+    """Tool mode: the round that sends the tool's result begins with the previous round's prompt
+    (tool list included) and call, so those tokens come from the prefix cache."""
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice="required",
+                                       temperature=0, max_tokens=40)
+    call = r.choices[0].message.tool_calls[0]
+    messages = QUESTION + [r.choices[0].message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "celsius": 21}'}]
+    again = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=8)
+    assert r.usage.prompt_tokens <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
+
 def test_required_tool_call_streams_as_tool_call_deltas(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER],
                                                  tool_choice="required", temperature=0, max_tokens=40, stream=True))

@@ -208,6 +208,8 @@ async def complete(engine: Engine, plan: ChatPlan, model: str, request: Request)
         choices.append(_choice(i, clean_done(done, plan.tools), plan.legacy))
         usage.prompt_tokens = done.usage.prompt_tokens
         usage.completion_tokens += done.usage.completion_tokens
+        if i == 0:  # the prompt as it arrived; later choices find it cached by the first
+            usage.cached_tokens = done.usage.cached_tokens
     return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_json(usage)}
 
@@ -269,9 +271,10 @@ def _tool_call_json(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": _function_json(call)}
 
 
-def usage_json(usage: Usage) -> dict[str, int]:
+def usage_json(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def completion_id() -> str:
@@ -316,6 +319,8 @@ async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineR
                 elif isinstance(ev, Done):
                     usage.prompt_tokens = ev.usage.prompt_tokens
                     usage.completion_tokens += ev.usage.completion_tokens
+                    if i == 0:  # the prompt as it arrived; later choices find it cached by the first
+                        usage.cached_tokens = ev.usage.cached_tokens
                     for line in _done_chunks(clean_done(ev, plan.tools), plan.legacy, streamed):
                         yield chunk(i, *line)
                 ev = await run.next()
