@@ -130,3 +130,17 @@ def test_remote_backend_forwards_a_forced_tool_call(server):
     done = engine.complete([Message(Role.USER, "What is the weather in Paris?")], options, tools=[WEATHER])
     assert done.finish_reason == "tool_calls" and done.message.tool_calls[0].name == "get_weather"
     jsonschema.validate(done.message.tool_calls[0].arguments, WEATHER["function"]["parameters"])
+
+
+def test_a_forced_call_cut_by_max_tokens_is_length_without_half_a_call(client):
+    """As OpenAI answers: finish_reason "length" and no `<tool_call>{...` markup posing as content."""
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=FORCE,
+                                       temperature=0, max_tokens=6)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content is None
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=FORCE,
+                                                 temperature=0, max_tokens=6, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""
