@@ -19,6 +19,7 @@ from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.context import cap_result
 from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
+from chatglm_core.formats.parsing import TOOL_CALL_OPEN
 from chatglm_core.messages import (
     INTERPRETER,
     Done,
@@ -96,6 +97,9 @@ def run_agent(
         if cancelled or not (calls or done.parse_error):
             yield done
             return
+        if not calls and done.finish_reason == "length":  # a call cut off: a retry would be cut off too
+            yield from _cut_call(done)
+            return
         if rounds >= max_rounds:
             yield from _round_limit(done, max_rounds)
             return
@@ -166,6 +170,17 @@ def _round_limit(done: Done, max_rounds: int) -> Iterator[Event]:
     yield TextDelta("\n" + note)
     message = Message(Role.ASSISTANT, f"{done.message.content}\n{note}".strip())
     yield Done(message, "max_rounds", done.usage, raw_text=done.raw_text)
+
+
+def _cut_call(done: Done) -> Iterator[Event]:
+    """End the turn on a call cut off by the token limit: the text before it and a note, never the
+    half call's markup as if the model had meant it as text."""
+    raw = done.raw_text or done.message.content
+    head = raw.split(TOOL_CALL_OPEN, 1)[0].strip() if TOOL_CALL_OPEN in raw else ""
+    note = "[Stopped: the tool call was cut off by the max new tokens limit. Raise it and ask again.]"
+    yield TextDelta("\n" + note)
+    yield Done(Message(Role.ASSISTANT, f"{head}\n{note}".strip()), "length", done.usage, raw_text=done.raw_text,
+               parse_error=done.parse_error)
 
 
 def _run_call(call: ToolCall, registry: ToolRegistry, sandbox: SandboxLike | None) -> ToolResult:

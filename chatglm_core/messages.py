@@ -125,6 +125,9 @@ def _arguments(raw: Any) -> dict[str, Any]:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: prompt tokens whose KV came from the backend's prefix cache instead of being computed (OpenAI's
+    #: usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -255,3 +255,21 @@ def test_cancel_ends_the_loop(backend, registry):
     assert isinstance(events[-1], Done)
     assert not any(isinstance(e, ToolCallEvent) for e in events)
     assert len(backend.calls) == 1 and backend.replies == ["never"]
+
+
+class CutOff(Recording):
+    """Its replies run out of tokens: finish_reason "length", as the real backend reports a cut call."""
+
+    def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
+        for ev in super().stream(messages, options, tools=tools, interpreter=interpreter, cancel=cancel):
+            yield Done(ev.message, "length", ev.usage, raw_text=ev.raw_text, parse_error=ev.parse_error) \
+                if isinstance(ev, Done) else ev
+
+
+def test_a_call_cut_off_by_the_token_limit_ends_the_turn_without_its_markup(registry):
+    backend = CutOff().enqueue('Let me compute. <tool_call>{"name": "calculator", "arguments": {"expr')
+    events = run(backend, registry, tool_choice="required")
+    assert kinds(events) == ["Done"] and len(backend.calls) == 1  # no retry that would be cut off again
+    final = events[-1]
+    assert final.finish_reason == "length" and "<tool_call>" not in final.message.content
+    assert final.message.content.startswith("Let me compute.\n[Stopped: the tool call was cut off")

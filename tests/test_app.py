@@ -614,3 +614,44 @@ def test_a_pending_manual_observation_survives_a_refresh(app_env, fake_engine, s
     assert bubbles(again)[-1] == ("assistant", "So it is 41.")
     messages = stored(app_env, again.query_params["cid"], again.session_state["conv_tools"].id).messages
     assert messages[-2].role is Role.TOOL and messages[-2].content == "41"
+
+
+def test_tool_page_mcp_servers_warnings_images_and_uploads(app_env, fake_engine, scripted, monkeypatch, tmp_path):
+    """The app's tools file names a working MCP server and one that crashes: the page lists the first's
+    tools, warns about the second by name, and shows a tool result's image. From the browser, a
+    command server is refused and an unreachable URL server is a warning."""
+    needs("chatglm_core.agent", "tools")
+    from webui import state, tools_panel
+
+    server = Path(__file__).with_name("mcp_test_server.py")
+    app_file = tmp_path / "app-tools.yaml"
+    app_file.write_text(f"mcp:\n  - {{name: t, command: [python, {server}]}}\n"
+                        f"  - {{name: crash, command: [python, {server}, --crash-at-start]}}\n")
+    monkeypatch.setenv("CHATGLM_TOOLS", str(app_file))
+    state.settings.clear()
+    tools_panel.base_registry.clear()
+    try:
+        scripted.enqueue('<tool_call>{"name": "picture", "arguments": {}}</tool_call>', "A red dot.")
+        fake_engine(scripted)
+        at = on_page("app_pages/tools.py")
+        assert {"echo", "picture", "calculator"} <= {c.label for c in at.sidebar.checkbox}
+        assert any("MCP server 'crash' failed to start" in w.value and "missing configuration" in w.value
+                   for w in at.sidebar.warning)
+        send(at, "Show me the picture.")
+        observation = at.main.chat_message[2]
+        assert observation.code[0].value == "a red dot\n[Image 1: image/png]\na note"
+        assert [type(c).__name__ for c in observation.children.values()].count("Image") == 1  # shown too
+
+        at.sidebar.text_area(key="tools_yaml").input(f"mcp:\n  - {{name: x, command: [python, {server}]}}\n").run()
+        at.sidebar.button(key="tools_reload").click().run()
+        assert any("'command:'" in e.value for e in at.sidebar.error)
+        at.sidebar.text_area(key="tools_yaml").input("mcp:\n  - {name: web, url: 'http://127.0.0.1:9/mcp'}\n").run()
+        at.sidebar.button(key="tools_reload").click().run()
+        assert not at.exception
+        assert any("MCP server 'web' failed to start" in w.value for w in at.sidebar.warning)
+        assert "echo" in {c.label for c in at.sidebar.checkbox}  # the app's servers keep working
+    finally:
+        tools_panel.base_registry().close_mcp()
+        tools_panel.base_registry.clear()
+        monkeypatch.delenv("CHATGLM_TOOLS")
+        state.settings.clear()
