@@ -15,7 +15,7 @@ engine = state.loaded_engine()
 
 setup = tools_panel.show()
 conv, generate = flow.apply_action(MODE)
-pending = st.session_state.get(f"pending_{MODE}")
+pending = conv.pending_call()  # saved with the conversation: a refresh still waits for it
 generate |= flow.history_and_input(conv, MODE, placeholder="Ask something a tool can answer…",
                                    enabled=engine is not None and pending is None)
 
@@ -30,7 +30,8 @@ if pending is not None and not generate:
         slot.empty()
         observation = Message(Role.TOOL, text, tool_call_id=pending.id, name=pending.name)
         conv.messages.append(observation)
-        st.session_state.pop(f"pending_{MODE}", None)
+        conv.pending_call_id = None
+        state.save(conv)
         with st.chat_message("observation", avatar=OBSERVATION_AVATAR):
             show_observation(observation)
         generate = True
@@ -43,5 +44,6 @@ if generate and engine is not None:
         engine, messages, registry=registry, options=options, tool_choice=setup.agent_tool_choice, sandbox=None,
         max_rounds=state.settings().max_tool_rounds, cancel=cancel, fit_context=True))
     if isinstance(paused, NeedObservation):
-        st.session_state[f"pending_{MODE}"] = paused.call
+        conv.pending_call_id = paused.call.id
+        state.save(conv)
         st.rerun()

@@ -27,7 +27,7 @@ def llama_steps(mode: str, steps: int) -> list[float]:
     from chatglm_core.backends import llamacpp
 
     b = llamacpp.LlamaCppBackend.from_settings(load_settings(device="cpu", backend="llamacpp", gguf_weights=mode))
-    seqs = [b.take_seq() for _ in range(8)]
+    seqs = [b.seqs.acquire([], reuse=False)[0] for _ in range(8)]
     for seq in seqs:
         b.run([(1, p, seq, False) for p in range(40)])
     out = []

@@ -358,12 +358,12 @@ def app_marks(engine: Engine, settings, tokens: int) -> Iterator[dict]:
         marks.update(t0=time.perf_counter(), messages=messages, options=options)
         return real_stream(messages, options, **kw)
 
-    def text(live, piece: str) -> None:
-        real_text(live, piece)
+    def text(live, piece: str, *when) -> None:  # when: the arrival time webui.turn passes on
+        real_text(live, piece, *when)
         marks.setdefault("first", time.perf_counter())
 
-    def done(live, ev: Done) -> None:
-        real_done(live, ev)
+    def done(live, ev: Done, *when) -> None:
+        real_done(live, ev, *when)
         marks.update(end=time.perf_counter(), tokens=ev.usage.completion_tokens)
 
     app_settings = settings.model_copy(update={"temperature": 0.0, "max_new_tokens": tokens, "system_prompt": "",

@@ -19,6 +19,7 @@ from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.context import cap_result
 from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
+from chatglm_core.formats.parsing import TOOL_CALL_OPEN
 from chatglm_core.messages import (
     INTERPRETER,
     Done,
@@ -58,11 +59,13 @@ def run_agent(
 
     tool_choice: "auto" (the model decides), "none" (no tools offered), "required" (the first
     reply must be a call) or {"name": tool} / {"function": {"name": tool}} (a call of that tool).
-    Forcing applies to the first generation only; later rounds are "auto", so the model can
-    answer with the results. A malformed call is answered with an observation saying what was
-    wrong, and counts as a round. fit_context: each generation sees the conversation fitted to the
-    context window (`Engine.stream`'s ContextTrimmed events are passed on). Every tool result is
-    capped at a share of the context window, in tokens (`chatglm_core.context.cap_result`).
+    Forcing applies to the first generation of a turn only; later rounds are "auto", so the model
+    can answer with the results. A turn resumed after a manual observation is a later round too:
+    forcing it again would make the model call the same tool until the round limit. A malformed
+    call is answered with an observation saying what was wrong, and counts as a round. fit_context:
+    each generation sees the conversation fitted to the context window (`Engine.stream`'s
+    ContextTrimmed events are passed on). Every tool result is capped at a share of the context
+    window, in tokens (`chatglm_core.context.cap_result`).
     """
     options = options or options_for(engine.backend)
     tools = registry.get_tools() if tool_choice != "none" else []
@@ -70,7 +73,7 @@ def run_agent(
     later = Constraint("tool_call", tools=tuple(tools), auto=True) if tools else None
     convo = list(messages)
     rounds = _rounds_used(convo)
-    constraint = first
+    constraint = first if rounds == 0 else later
     while True:
         opts = dataclasses.replace(options, constraint=constraint) if tools else options
         constraint = later
@@ -93,6 +96,9 @@ def run_agent(
         cancelled = done.finish_reason == "cancelled" or (cancel is not None and cancel.is_set())
         if cancelled or not (calls or done.parse_error):
             yield done
+            return
+        if not calls and done.finish_reason == "length":  # a call cut off: a retry would be cut off too
+            yield from _cut_call(done)
             return
         if rounds >= max_rounds:
             yield from _round_limit(done, max_rounds)
@@ -164,6 +170,17 @@ def _round_limit(done: Done, max_rounds: int) -> Iterator[Event]:
     yield TextDelta("\n" + note)
     message = Message(Role.ASSISTANT, f"{done.message.content}\n{note}".strip())
     yield Done(message, "max_rounds", done.usage, raw_text=done.raw_text)
+
+
+def _cut_call(done: Done) -> Iterator[Event]:
+    """End the turn on a call cut off by the token limit: the text before it and a note, never the
+    half call's markup as if the model had meant it as text."""
+    raw = done.raw_text or done.message.content
+    head = raw.split(TOOL_CALL_OPEN, 1)[0].strip() if TOOL_CALL_OPEN in raw else ""
+    note = "[Stopped: the tool call was cut off by the max new tokens limit. Raise it and ask again.]"
+    yield TextDelta("\n" + note)
+    yield Done(Message(Role.ASSISTANT, f"{head}\n{note}".strip()), "length", done.usage, raw_text=done.raw_text,
+               parse_error=done.parse_error)
 
 
 def _run_call(call: ToolCall, registry: ToolRegistry, sandbox: SandboxLike | None) -> ToolResult:

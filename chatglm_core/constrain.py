@@ -40,6 +40,15 @@ END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endofte
 #: bounds get these, so a call always closes; the arguments stay valid under the tool's schema.
 MAX_STRING_CHARS = 96
 MAX_ARRAY_ITEMS = 12
+#: A free string in a call is also kept from holding the call's own markup: a small model that
+#: wants to end the call while inside a string otherwise writes `}}</tool_call>` into it, and the
+#: grammar keeps it there. It is not empty, its first character can't be a space or a closing
+#: bracket, and `<` can't be followed by `/` or `t` (`a < b` stays possible). Quotes and backslashes
+#: are left out, as in xgrammar's own maxLength strings. (xgrammar 0.2.8 ignores a character class
+#: at the start of an optional group, `^(?:[^}]…)?$`, hence no optional empty string.)
+_UNIT = r'(?:[^<"\\\r\n]|<[^/t<"\\\r\n])'
+FREE_STRING_PATTERN = r'^[^ \t\r\n<"\\}\]]' + _UNIT + '{0,%d}$'
+
 _CACHE_SIZE = 64
 
 _lock = threading.Lock()
@@ -108,15 +117,20 @@ def _arguments_schema(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bounded(schema: Any) -> Any:
-    """`schema` with MAX_STRING_CHARS / MAX_ARRAY_ITEMS on strings and arrays that set no bound."""
+    """`schema` with MAX_STRING_CHARS / MAX_ARRAY_ITEMS on strings and arrays that set no bound, free
+    strings kept clear of the call's markup, and `x-grammar-pattern` (a tool's hint) as the pattern."""
     if isinstance(schema, list):
         return [bounded(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: bounded(v) if k != "enum" and k != "const" else v for k, v in schema.items()}
     kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+    if kinds == ["string"] and isinstance(out.get("x-grammar-pattern"), str) and "pattern" not in out:
+        out["pattern"] = out.pop("x-grammar-pattern")  # a tool's hint for the grammar only (see tools.builtins)
     free = not any(k in out for k in ("enum", "const", "pattern", "format"))
-    if "string" in kinds and free and "maxLength" not in out:
+    if kinds == ["string"] and free and "maxLength" not in out and "minLength" not in out:
+        out["pattern"] = FREE_STRING_PATTERN % (MAX_STRING_CHARS - 1)
+    elif "string" in kinds and free and "maxLength" not in out:
         out["maxLength"] = max(MAX_STRING_CHARS, out.get("minLength", 0))
     if "array" in kinds and "maxItems" not in out and "prefixItems" not in out:
         out["maxItems"] = max(MAX_ARRAY_ITEMS, out.get("minItems", 0))

@@ -239,6 +239,7 @@ class Engine:
         except BaseException as e:  # its prefill failed (e.g. out of memory): the batch goes on without it
             req.put(e, _END)
             return
+        req.decoding.cached_tokens = self._rows.cached_tokens(req.slot)
         with self._cv:
             self._active.append(req)
         if logits is not None:  # else its (long) prompt is prefilled by the next steps
@@ -279,6 +280,11 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
             failed, self._active = self._active, []
+        for req in failed:  # give their sequences / memory back before starting afresh
+            try:
+                self._rows.remove(req.slot)
+            except Exception:  # noqa: BLE001 - the rows' state is unknown after a failure
+                log.debug("could not remove a failed row", exc_info=True)
         self._rows = None  # its state is unknown after a failure: start afresh
         for req in failed:
             req.put(error, _END)

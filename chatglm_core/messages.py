@@ -50,6 +50,8 @@ class Message:
     tool_call_id: str | None = None  # a TOOL message answers this call
     name: str | None = None  # a TOOL message: the tool that produced it
     images: list[bytes] = field(default_factory=list)  # PNGs shown with a TOOL message (not sent to the model)
+    # what a front end records about a reply (how it ended, tokens, timings); never sent to the model
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -123,6 +125,9 @@ def _arguments(raw: Any) -> dict[str, Any]:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: prompt tokens whose KV came from the backend's prefix cache instead of being computed (OpenAI's
+    #: usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;
     # default 128 on the CPU, 512 on a GPU (backends.llamacpp.LlamaRows, transformers_backend.KVRows)
     prefill_chunk: int | None = Field(None, ge=1)
+    # keep finished sequences' KV and start a prompt from the longest cached prefix (backends.prefix_cache);
+    # on transformers the kept key/values are bounded by prefix_cache_mb (llama.cpp reuses its context's cells)
+    prefix_cache: bool = True
+    prefix_cache_mb: int = Field(512, ge=0)
     cache_dir: Path | None = None  # converted GGUF weights; default <data_dir>/cache
 
     # --- a remote OpenAI-compatible engine -----------------------------------------------------

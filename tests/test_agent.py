@@ -155,6 +155,22 @@ def test_manual_tool_stops_and_resumes(backend, registry):
     assert resumed[-1].message.content == "We eat pizza at noon."
 
 
+@pytest.mark.parametrize("choice", ["required", {"name": "ask_colleague"}])
+def test_a_turn_resumed_after_a_manual_observation_is_not_forced_again(backend, registry, choice):
+    backend.enqueue(call("ask_colleague", '{"question": "when is the meeting?"}'))
+    history = [Message(Role.USER, "Ask my colleague what time the meeting is")]
+    events = run(backend, registry, history, tool_choice=choice)
+    need = events[-1]
+    assert isinstance(need, NeedObservation) and not backend.options[0].constraint.auto
+    history += [e.message for e in events if isinstance(e, Done)]
+    history.append(Message(Role.TOOL, "At 3 pm.", tool_call_id=need.call.id, name="ask_colleague"))
+    backend.enqueue("The meeting is at 3 pm.")
+    resumed = run(backend, registry, history, tool_choice=choice)
+    resumed_constraint = backend.options[1].constraint
+    assert resumed_constraint.auto and resumed_constraint.tool_name is None  # the model may answer now
+    assert resumed[-1].message.content == "The meeting is at 3 pm."
+
+
 def test_round_limit_stops_with_a_note(backend, registry):
     backend.enqueue(*[call("calculator", f'{{"expression": "{i}+1"}}') for i in range(3)])
     events = run(backend, registry, max_rounds=2)
@@ -239,3 +255,21 @@ def test_cancel_ends_the_loop(backend, registry):
     assert isinstance(events[-1], Done)
     assert not any(isinstance(e, ToolCallEvent) for e in events)
     assert len(backend.calls) == 1 and backend.replies == ["never"]
+
+
+class CutOff(Recording):
+    """Its replies run out of tokens: finish_reason "length", as the real backend reports a cut call."""
+
+    def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
+        for ev in super().stream(messages, options, tools=tools, interpreter=interpreter, cancel=cancel):
+            yield Done(ev.message, "length", ev.usage, raw_text=ev.raw_text, parse_error=ev.parse_error) \
+                if isinstance(ev, Done) else ev
+
+
+def test_a_call_cut_off_by_the_token_limit_ends_the_turn_without_its_markup(registry):
+    backend = CutOff().enqueue('Let me compute. <tool_call>{"name": "calculator", "arguments": {"expr')
+    events = run(backend, registry, tool_choice="required")
+    assert kinds(events) == ["Done"] and len(backend.calls) == 1  # no retry that would be cut off again
+    final = events[-1]
+    assert final.finish_reason == "length" and "<tool_call>" not in final.message.content
+    assert final.message.content.startswith("Let me compute.\n[Stopped: the tool call was cut off")

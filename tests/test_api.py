@@ -210,6 +210,21 @@ def test_streaming_equals_non_streaming_and_reports_usage(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_follow_up_turn_reports_its_cached_prompt_tokens(client):
+    """The next turn of a chat starts from the previous turn's KV: OpenAI's
+    usage.prompt_tokens_details.cached_tokens counts the prompt tokens not computed again."""
+    first = [{"role": "user", "content": "Describe a lighthouse in two sentences."}]
+    r = client.chat.completions.create(model=MODEL, messages=first, max_tokens=12, temperature=0)
+    follow_up = first + [{"role": "assistant", "content": r.choices[0].message.content},
+                         {"role": "user", "content": "And a harbour?"}]
+    again = client.chat.completions.create(model=MODEL, messages=follow_up, max_tokens=4, temperature=0)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert r.usage.prompt_tokens <= cached < again.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=follow_up, max_tokens=4, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1  # all but the last
+
+
 def test_sse_wire_format_ends_with_done(http):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as r:

@@ -50,6 +50,18 @@ def test_forced_tool_call_round_trip(client):
     assert final.choices[0].finish_reason in ("stop", "length")
 
 
+def test_an_agent_round_after_the_first_reuses_the_cached_prompt(client):
+    """Tool mode: the round that sends the tool's result begins with the previous round's prompt
+    (tool list included) and call, so those tokens come from the prefix cache."""
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice="required",
+                                       temperature=0, max_tokens=40)
+    call = r.choices[0].message.tool_calls[0]
+    messages = QUESTION + [r.choices[0].message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "celsius": 21}'}]
+    again = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], temperature=0, max_tokens=8)
+    assert r.usage.prompt_tokens <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
+
 def test_required_tool_call_streams_as_tool_call_deltas(client):
     chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER],
                                                  tool_choice="required", temperature=0, max_tokens=40, stream=True))
@@ -118,3 +130,17 @@ def test_remote_backend_forwards_a_forced_tool_call(server):
     done = engine.complete([Message(Role.USER, "What is the weather in Paris?")], options, tools=[WEATHER])
     assert done.finish_reason == "tool_calls" and done.message.tool_calls[0].name == "get_weather"
     jsonschema.validate(done.message.tool_calls[0].arguments, WEATHER["function"]["parameters"])
+
+
+def test_a_forced_call_cut_by_max_tokens_is_length_without_half_a_call(client):
+    """As OpenAI answers: finish_reason "length" and no `<tool_call>{...` markup posing as content."""
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=FORCE,
+                                       temperature=0, max_tokens=6)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and choice.message.tool_calls is None
+    assert choice.message.content is None
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], tool_choice=FORCE,
+                                                 temperature=0, max_tokens=6, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ""

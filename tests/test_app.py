@@ -400,3 +400,258 @@ def test_interpreter_page_code_outputs_images_and_rerun(app_env, fake_engine, sc
     assert bubbles(at)[-1] == ("assistant", "Now it prints 7.")
     at.sidebar.button(key="kernel_restart").click().run()
     assert not at.exception
+
+
+# --- issue 18: the app in real use --------------------------------------------------------------------
+def sidebar_keys(at: AppTest) -> list[str]:
+    return [b.key for b in at.sidebar.button]
+
+
+def stored(app_env: Path, cid: str, conv_id: str):
+    return ConversationStore(app_env / "conversations.sqlite3").get(cid, conv_id)
+
+
+def test_clear_open_and_delete_show_in_the_same_run_and_can_be_undone(app_env, fake_engine, scripted):
+    scripted.enqueue("Dragons fly.", "Pancakes need eggs.")
+    fake_engine(scripted)
+    at = send(new_app(), "Tell me about dragons.")
+    cid, first = at.query_params["cid"], at.session_state["conv_chat"].id
+    at.button(key="new_conv").click().run()
+    send(at, "A pancake recipe.")
+    second = at.session_state["conv_chat"].id
+
+    at.button(key=f"open_{first}").click().run()  # the list marks the opened one in this very run
+    assert at.button(key=f"open_{first}").label.startswith("▶")
+    assert not at.button(key=f"open_{second}").label.startswith("▶")
+    assert bubbles(at)[0] == ("user", "Tell me about dragons.")
+
+    at.button(key="clear_conv").click().run()
+    assert bubbles(at) == [] and stored(app_env, cid, first) is None
+    assert f"open_{first}" not in sidebar_keys(at)  # gone from the list at once
+    assert at.button(key="regenerate").disabled  # nothing to retry or edit
+    assert "Edit last message" not in [e.label for e in at.sidebar.expander]
+    assert any("Deleted" in c.value and "dragons" in c.value for c in at.sidebar.caption)
+
+    at.button(key="undo_chat").click().run()  # undo: back, current, stored again
+    assert bubbles(at)[0] == ("user", "Tell me about dragons.")
+    assert at.button(key=f"open_{first}").label.startswith("▶")
+    assert [m.content for m in stored(app_env, cid, first).messages] == ["Tell me about dragons.", "Dragons fly."]
+    assert "undo_chat" not in sidebar_keys(at)
+
+    at.button(key=f"del_{second}").click().run()  # deleting another one leaves the current one open
+    assert f"open_{second}" not in sidebar_keys(at) and stored(app_env, cid, second) is None
+    assert bubbles(at)[0] == ("user", "Tell me about dragons.")
+    at.button(key="undo_chat").click().run()
+    assert f"open_{second}" in sidebar_keys(at) and stored(app_env, cid, second) is not None
+    assert at.button(key=f"open_{first}").label.startswith("▶")
+
+
+def test_settings_and_system_prompt_are_kept_with_the_conversation(app_env, fake_engine, scripted):
+    scripted.enqueue("Bonjour.")
+    fake_engine(scripted)
+    at = new_app()
+    at.sidebar.slider(key="gen_temperature").set_value(0.35)
+    at.sidebar.number_input(key="gen_max_new_tokens").set_value(99)
+    at.sidebar.text_area(key="system_chat").input("Answer in French.")
+    send(at, "Hello.")
+    assert scripted.calls[0][0] == Message(Role.SYSTEM, "Answer in French.")
+    cid = at.query_params["cid"]
+
+    again = new_app(cid)  # a refresh: the conversation comes back with its settings
+    assert again.sidebar.slider(key="gen_temperature").value == 0.35
+    assert again.sidebar.number_input(key="gen_max_new_tokens").value == 99
+    assert again.sidebar.text_area(key="system_chat").value == "Answer in French."
+    again.button(key="new_conv").click().run()  # a new conversation starts from the current values
+    again.sidebar.slider(key="gen_temperature").set_value(0.9).run()
+    again.button(key=f"open_{at.session_state['conv_chat'].id}").click().run()  # reopening restores them
+    assert again.sidebar.slider(key="gen_temperature").value == 0.35
+
+    exported = json.loads(_export_json(again))
+    assert exported["system"] == "Answer in French."
+    assert exported["settings"]["temperature"] == 0.35 and exported["settings"]["max_new_tokens"] == 99
+    other = new_app()  # another browser imports it: the system prompt and settings come along
+    other.sidebar.file_uploader(key="import_chat").upload("conv.json", json.dumps(exported).encode(),
+                                                          "application/json").run()
+    assert other.sidebar.text_area(key="system_chat").value == "Answer in French."
+    assert other.sidebar.slider(key="gen_temperature").value == 0.35
+    assert bubbles(other) == bubbles(at)
+
+
+class CutBackend(SlowBackend):
+    """Five words, then the max new tokens limit."""
+
+    def __init__(self) -> None:
+        super().__init__(words=5, delay=0.01)
+
+    def stream(self, messages, options, *, tools=None, interpreter=False, cancel=None):
+        for ev in super().stream(messages, options, tools=tools, interpreter=interpreter, cancel=cancel):
+            yield Done(ev.message, "length", Usage(1, 5)) if isinstance(ev, Done) else ev
+
+
+def test_each_reply_says_how_it_ended_and_shows_its_stats(app_env, fake_engine):
+    fake_engine(CutBackend())
+    at = new_app()
+    at.sidebar.number_input(key="gen_max_new_tokens").set_value(5)
+    send(at, "Tell me everything.")
+
+    def captions(app):
+        return [c.value for c in app.main.caption]
+
+    assert any("cut at the max new tokens limit (5)" in c for c in captions(at))
+    stats = [c for c in captions(at) if "tokens/s" in c]
+    assert len(stats) == 1 and "5 tokens" in stats[0] and "first token" in stats[0]
+    reply = stored(app_env, at.query_params["cid"], at.session_state["conv_chat"].id).messages[1]
+    assert reply.meta["finish"] == "length" and reply.meta["tokens"] == 5 and reply.meta["tok_s"] > 0
+    assert reply.meta["ttft_s"] >= 0
+
+    again = new_app(at.query_params["cid"])  # saved with the message: a refresh shows the same
+    assert any("cut at the max new tokens limit" in c for c in captions(again))
+    assert any("5 tokens" in c for c in captions(again))
+    again.sidebar.toggle(key="show_reply_stats").set_value(False).run()  # hidden on request; the cut note stays
+    assert not any("tokens/s" in c for c in captions(again))
+    assert any("cut at the max new tokens limit" in c for c in captions(again))
+
+
+def test_the_search_box_finds_conversations_by_title_and_text_and_opens_them(app_env, fake_engine, scripted):
+    scripted.enqueue("Dragons fly over Lyon.", "Flour, eggs and milk.")
+    fake_engine(scripted)
+    at = send(new_app(), "Tell me about dragons.")
+    dragons = at.session_state["conv_chat"].id
+    at.button(key="new_conv").click().run()
+    send(at, "A pancake recipe.")
+    pancakes = at.session_state["conv_chat"].id
+
+    at.sidebar.text_input(key="conv_search_chat").input("eggs").run()  # a word of a reply
+    assert [k for k in sidebar_keys(at) if k.startswith("open_")] == [f"open_{pancakes}"]
+    at.sidebar.text_input(key="conv_search_chat").input("drag").run()  # the start of a title word
+    assert [k for k in sidebar_keys(at) if k.startswith("open_")] == [f"open_{dragons}"]
+    at.button(key=f"open_{dragons}").click().run()
+    assert bubbles(at) == [("user", "Tell me about dragons."), ("assistant", "Dragons fly over Lyon.")]
+    at.sidebar.text_input(key="conv_search_chat").input("unicorns").run()
+    assert any("No conversation matches" in c.value for c in at.sidebar.caption)
+
+
+def test_a_partial_reply_is_in_the_store_while_it_streams(app_env, fake_engine):
+    # However the run ends (a page switch, a closed tab, a killed server), what was shown is saved.
+    backend = SlowBackend(words=400, delay=0.02)
+    fake_engine(backend)
+    at = new_app()
+    cid = at.query_params["cid"]
+    errors: list[BaseException] = []
+
+    def run_send() -> None:
+        try:
+            send(at, "Count for me.")
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    runner = threading.Thread(target=run_send, daemon=True)
+    runner.start()
+    store = ConversationStore(app_env / "conversations.sqlite3")
+    deadline = time.monotonic() + 60
+    saved = None
+    while time.monotonic() < deadline and backend.sent < backend.words:
+        past = store.list(cid, "chat")
+        if past and len(past[0].messages) == 2 and past[0].messages[1].content:
+            saved = past[0].messages[1]
+            break
+        time.sleep(0.05)
+    assert saved is not None and backend.sent < backend.words, "the partial reply was not saved while streaming"
+    assert saved.content.startswith("w0 w1") and saved.meta["finish"] == "stopped"  # what it is if nothing follows
+    click_during_stream(backend, after_tokens=0).join(5)  # end the run
+    runner.join(30)
+    assert not errors, errors
+
+
+def test_a_reply_cut_by_a_stop_request_is_saved_with_its_stopped_state(app_env, fake_engine):
+    # With runner.fastReruns (the default) a page switch or any click during a reply sends the running
+    # script a STOP request; from then on every session-state access in that run raises StopException.
+    from streamlit.runtime.scriptrunner_utils.script_run_context_attr import SCRIPT_RUN_CONTEXT_ATTR_NAME
+
+    backend = SlowBackend(words=400, delay=0.02)
+    fake_engine(backend)
+    at = new_app()
+
+    def stop_request() -> None:
+        while backend.sent < 5:
+            time.sleep(0.01)
+        for t in threading.enumerate():
+            ctx = getattr(t, SCRIPT_RUN_CONTEXT_ATTR_NAME, None)
+            if ctx is not None and ctx.script_requests is not None:
+                ctx.script_requests.request_stop()
+                return
+
+    stopper = threading.Thread(target=stop_request, daemon=True)
+    stopper.start()
+    at.chat_input(key="input_chat").set_value("Count for me.").run()
+    stopper.join(5)
+    assert backend.cancelled.wait(5), "the engine never saw the cancel event"
+    saved = ConversationStore(app_env / "conversations.sqlite3").list(at.query_params["cid"], "chat")[0].messages
+    assert [m.role for m in saved] == [Role.USER, Role.ASSISTANT]
+    assert saved[1].content.startswith("w0 w1 w2 w3 w4") and saved[1].meta["finish"] == "stopped"
+    again = new_app(at.query_params["cid"])  # a refresh shows it, stopped
+    assert bubbles(again)[1] == ("assistant", saved[1].content)
+    assert any("stopped" in c.value for c in again.main.caption)
+
+
+def test_a_pending_manual_observation_survives_a_refresh(app_env, fake_engine, scripted):
+    needs("chatglm_core.agent", "tools")
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
+    scripted.enqueue(call, "So it is 41.")
+    fake_engine(scripted)
+    at = on_page("app_pages/tools.py")
+    at.sidebar.toggle(key="tool_manual").set_value(True).run()
+    send(at, "What is 6*7?")
+    assert at.main.text_area(key="observation_text")
+
+    again = on_page("app_pages/tools.py", at.query_params["cid"])  # a refresh while the call waits
+    assert again.main.text_area(key="observation_text")
+    assert again.chat_input(key="input_tools").disabled
+    again.sidebar.toggle(key="tool_manual").set_value(True).run()
+    again.main.text_area(key="observation_text").input("41")
+    again.main.button[-1].click().run()
+    assert not again.exception
+    assert bubbles(again)[-1] == ("assistant", "So it is 41.")
+    messages = stored(app_env, again.query_params["cid"], again.session_state["conv_tools"].id).messages
+    assert messages[-2].role is Role.TOOL and messages[-2].content == "41"
+
+
+def test_tool_page_mcp_servers_warnings_images_and_uploads(app_env, fake_engine, scripted, monkeypatch, tmp_path):
+    """The app's tools file names a working MCP server and one that crashes: the page lists the first's
+    tools, warns about the second by name, and shows a tool result's image. From the browser, a
+    command server is refused and an unreachable URL server is a warning."""
+    needs("chatglm_core.agent", "tools")
+    from webui import state, tools_panel
+
+    server = Path(__file__).with_name("mcp_test_server.py")
+    app_file = tmp_path / "app-tools.yaml"
+    app_file.write_text(f"mcp:\n  - {{name: t, command: [python, {server}]}}\n"
+                        f"  - {{name: crash, command: [python, {server}, --crash-at-start]}}\n")
+    monkeypatch.setenv("CHATGLM_TOOLS", str(app_file))
+    state.settings.clear()
+    tools_panel.base_registry.clear()
+    try:
+        scripted.enqueue('<tool_call>{"name": "picture", "arguments": {}}</tool_call>', "A red dot.")
+        fake_engine(scripted)
+        at = on_page("app_pages/tools.py")
+        assert {"echo", "picture", "calculator"} <= {c.label for c in at.sidebar.checkbox}
+        assert any("MCP server 'crash' failed to start" in w.value and "missing configuration" in w.value
+                   for w in at.sidebar.warning)
+        send(at, "Show me the picture.")
+        observation = at.main.chat_message[2]
+        assert observation.code[0].value == "a red dot\n[Image 1: image/png]\na note"
+        assert [type(c).__name__ for c in observation.children.values()].count("Image") == 1  # shown too
+
+        at.sidebar.text_area(key="tools_yaml").input(f"mcp:\n  - {{name: x, command: [python, {server}]}}\n").run()
+        at.sidebar.button(key="tools_reload").click().run()
+        assert any("'command:'" in e.value for e in at.sidebar.error)
+        at.sidebar.text_area(key="tools_yaml").input("mcp:\n  - {name: web, url: 'http://127.0.0.1:9/mcp'}\n").run()
+        at.sidebar.button(key="tools_reload").click().run()
+        assert not at.exception
+        assert any("MCP server 'web' failed to start" in w.value for w in at.sidebar.warning)
+        assert "echo" in {c.label for c in at.sidebar.checkbox}  # the app's servers keep working
+    finally:
+        tools_panel.base_registry().close_mcp()
+        tools_panel.base_registry.clear()
+        monkeypatch.delenv("CHATGLM_TOOLS")
+        state.settings.clear()

@@ -87,8 +87,12 @@ def test_a_long_pdf_is_searched_and_the_reply_cites_page_3(app_env, tmp_path):
     stranger = new_app()  # another browser never sees them
     assert "chronicle.pdf" not in captions(stranger) and not stranger.main.expander
 
-    again.button(key="clear_conv").click().run()  # deleting the conversation deletes its documents
+    again.button(key="clear_conv").click().run()
     assert "chronicle.pdf" not in captions(again)
+    again.button(key="undo_chat").click().run()  # Undo brings the conversation back with its documents
+    assert "chronicle.pdf" in captions(again) and cited(again) == labels
+    again.button(key="clear_conv").click().run()  # deleting the conversation deletes its documents,
+    again.button(key="new_conv").click().run()  # for good once the Undo offer that came with Clear is gone
     with sqlite3.connect(app_env / "conversations.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM documents WHERE client_id = ?", (cid,)).fetchone() == (0,)
 

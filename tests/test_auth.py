@@ -170,6 +170,21 @@ def test_a_removed_account_is_logged_out_at_its_next_click(gate, app_env, engine
     assert only_the_login_form(at) and "session has ended" in at.info[0].value
 
 
+def test_a_sidebar_click_after_the_login_ended_changes_nothing(gate, app_env, engine_builds, scripted):
+    # sidebar callbacks (Clear, delete, open, import) run before the gate: they check the login themselves
+    users = UserStore(app_env / "users.json")
+    users.add("alice", "correct horse")
+    users.add("bob", "battery staple")
+    at = log_in(new_app(), "alice", "correct horse")
+    scripted.enqueue("ok")
+    send(at, "keep me")
+    users.remove("alice")
+    at.button(key="clear_conv").click().run()
+    assert only_the_login_form(at)
+    kept = ConversationStore(app_env / "conversations.sqlite3").list("user:alice", "chat")
+    assert [m.content for m in kept[0].messages][-2:] == ["keep me", "ok"]  # still there
+
+
 def test_when_the_last_account_goes_the_session_forgets_it(gate, app_env, engine_builds, scripted):
     users = UserStore(app_env / "users.json")
     users.add("alice", "correct horse")

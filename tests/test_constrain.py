@@ -136,15 +136,34 @@ def test_bad_constraints_are_request_errors(tokenizer):
 
 
 def test_tool_call_grammar_bounds_free_strings_and_arrays():
-    from chatglm_core.constrain import MAX_ARRAY_ITEMS, MAX_STRING_CHARS, bounded
+    from chatglm_core.constrain import FREE_STRING_PATTERN, MAX_ARRAY_ITEMS, MAX_STRING_CHARS, bounded
 
     schema = {"type": "object", "properties": {
         "s": {"type": "string"}, "e": {"type": "string", "enum": ["a"]}, "n": {"type": ["string", "null"]},
         "a": {"type": "array", "items": {"type": "string", "maxLength": 5}}, "k": {"type": "string", "maxLength": 3}}}
     props = bounded(schema)["properties"]
-    assert props["s"]["maxLength"] == MAX_STRING_CHARS and props["n"]["maxLength"] == MAX_STRING_CHARS
-    assert "maxLength" not in props["e"] and props["k"]["maxLength"] == 3
+    assert props["s"]["pattern"] == FREE_STRING_PATTERN % (MAX_STRING_CHARS - 1) and "maxLength" not in props["s"]
+    assert props["n"]["maxLength"] == MAX_STRING_CHARS
+    assert "maxLength" not in props["e"] and props["k"] == {"type": "string", "maxLength": 3}
     assert props["a"]["maxItems"] == MAX_ARRAY_ITEMS and props["a"]["items"] == {"type": "string", "maxLength": 5}
+
+
+@pytest.mark.parametrize("value, allowed", [
+    ("2 + 2", True), ("a < b", True), ("café au lait", True), ("x" * 96, True),
+    ("}}</tool_call>", False), ("x</tool_call>", False), ("<tool_call>", False), ("x<tool_call>{", False),
+    (" 2 + 2", False), ("]", False), ("", False), ("x" * 97, False)])
+def test_free_strings_in_a_call_keep_the_calls_markup_out(value, allowed):
+    """The grammar itself (xgrammar's matcher on the call's text) refuses markup inside a free string."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from chatglm_core.constrain import json_call_tag
+
+    calc = tool("calculator", {"expression": {"type": "string"}}, ["expression"])
+    grammar = xgr.Grammar.from_structural_tag(json_call_tag([calc["function"]], auto=False))
+    arguments = json.dumps({"expression": value}, ensure_ascii=False)
+    text = '<tool_call>{"name": "calculator", "arguments": ' + arguments + "}</tool_call>"
+    assert _is_grammar_accept_string(grammar, text) is allowed
 
 
 def test_compiled_grammars_are_cached(tokenizer):
@@ -233,3 +252,28 @@ def test_json_schema_reply_through_the_engine(small_engine):
                                  GenerationOptions(max_new_tokens=48, temperature=0,
                                                    constraint=Constraint("json_schema", schema=schema)))
     jsonschema.validate(json.loads(done.message.content), schema)
+
+
+def test_a_forced_calculator_call_can_only_write_an_expression():
+    """The built-in calculator hints its expression's shape to the grammar (`x-grammar-pattern`),
+    while the schema check leaves wrong expressions to the calculator's own advice."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    from chatglm_core.constrain import json_call_tag
+    from tools.builtins import register_builtins
+    from tools.registry import ToolRegistry
+
+    registry = ToolRegistry()
+    register_builtins(registry)
+    grammar = xgr.Grammar.from_structural_tag(json_call_tag([registry.get("calculator").spec()["function"]],
+                                                            auto=False))
+
+    def accepts(expression):
+        arguments = json.dumps({"expression": expression})
+        return _is_grammar_accept_string(grammar, '<tool_call>{"name": "calculator", "arguments": ' + arguments
+                                         + "}</tool_call>")
+
+    assert all(map(accepts, ["17*23", "(3 + 4) * 5", "sqrt(144)", "-7 + 2**10", "0.15 * 240"]))
+    assert not any(map(accepts, ["{6} * {9}", "= 240", ".5", "The result is 12", "2 ^ 3"]))
+    assert "write 2 ** 10" in registry.dispatch("calculator", {"expression": "2 ^ 3"}).content

@@ -147,6 +147,28 @@ def open_page(driver, title: str) -> None:
     wait_for(driver, lambda d: idle(d) and any(h.text.strip() == title for h in css(d, "h1")), f"the {title} page")
 
 
+def set_max_new_tokens(driver, n: int) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    next(e for e in css(driver, '[data-testid="stExpander"] summary') if "Generation" in e.text).click()
+    box = wait_for(driver, lambda d: [e for e in css(d, '.st-key-gen_max_new_tokens input') if e.is_displayed()][0],
+                   "the max tokens box")
+    time.sleep(0.5)  # the expander's opening animation
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(n), Keys.ENTER)
+    value = lambda d: css(d, '.st-key-gen_max_new_tokens input')[0].get_attribute("value")  # noqa: E731
+    wait_for(driver, lambda d: idle(d) and value(d) == str(n), f"max tokens to be {n}")
+
+
+def choose(driver, key: str, option: str) -> None:
+    """Pick `option` in the selectbox with widget key `key`."""
+    css(driver, f'.st-key-{key} input[role="combobox"]')[0].click()
+    wait_for(driver, lambda d: next(o for o in css(d, '[role="option"]') if o.text.strip() == option), option).click()
+    wait_for(driver, lambda d: idle(d) and css(d, f'.st-key-{key} input')[0].get_attribute("value") == option,
+             f"{option} chosen")
+
+
 def shot(driver, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / f"e2e-{name}.png"))
@@ -206,16 +228,7 @@ def test_stop_in_the_browser_keeps_the_partial_reply(server, browsers):
     driver = browsers("stopper")
     driver.get(server)
     wait_for(driver, lambda d: idle(d) and css(d, '[data-testid="stChatInputTextArea"]'), "the app to load")
-    # a long reply this time: open the Generation controls and raise max new tokens
-    next(e for e in css(driver, '[data-testid="stExpander"] summary') if "Generation" in e.text).click()
-    box = wait_for(driver, lambda d: [e for e in css(d, '.st-key-gen_max_new_tokens input') if e.is_displayed()][0],
-                   "the max tokens box")
-    time.sleep(0.5)  # the expander's opening animation
-    box.click()
-    box.send_keys(Keys.CONTROL, "a")
-    box.send_keys("400", Keys.ENTER)
-    wait_for(driver, lambda d: idle(d) and css(d, '.st-key-gen_max_new_tokens input')[0].get_attribute("value") == "400",
-             "max tokens to be 400")
+    set_max_new_tokens(driver, 400)  # a long reply this time
     chat = css(driver, '[data-testid="stChatInputTextArea"]')[0]
     chat.send_keys("Write a long story about a dragon.", Keys.ENTER)
     wait_for(driver, lambda d: css(d, ".st-key-stop") and len(messages(d)) == 2 and len(messages(d)[1]) > 10,
@@ -228,3 +241,46 @@ def test_stop_in_the_browser_keeps_the_partial_reply(server, browsers):
     time.sleep(2)  # a stopped generation writes nothing more
     assert messages(driver)[1] == partial
     assert len(partial.split()) < 300  # far fewer than the 400 tokens it was allowed
+
+
+# --- issue 18 ----------------------------------------------------------------------------------------
+def test_a_reply_cut_by_a_page_switch_is_kept_after_a_refresh(server, browsers):
+    from selenium.webdriver.common.keys import Keys
+
+    driver = browsers("switcher")
+    driver.get(server)
+    wait_for(driver, lambda d: idle(d) and css(d, '[data-testid="stChatInputTextArea"]'), "the app to load")
+    set_max_new_tokens(driver, 400)
+    css(driver, '[data-testid="stChatInputTextArea"]')[0].send_keys("Write a long story about a dragon.", Keys.ENTER)
+    wait_for(driver, lambda d: css(d, ".st-key-stop") and len(messages(d)) == 2 and len(messages(d)[1]) > 20,
+             "the reply to start streaming", timeout=60)
+    open_page(driver, "Tool")  # the switch cuts the reply
+    open_page(driver, "Chat")
+    wait_for(driver, lambda d: len(messages(d)) == 2 and "stopped" in messages(d)[1], "the cut reply, marked stopped")
+    reply = messages(driver)[1].splitlines()[0]
+    shot(driver, "cut-by-page-switch")
+    driver.refresh()  # a new session: only what was saved comes back
+    wait_for(driver, lambda d: idle(d) and len(messages(d)) >= 1, "the conversation after a refresh")
+    assert len(messages(driver)) == 2, messages(driver)
+    assert messages(driver)[1].splitlines()[0] == reply and "stopped" in messages(driver)[1]
+    shot(driver, "cut-reply-after-refresh")
+
+
+def test_a_forced_tool_is_forced_for_the_first_call_only_after_a_typed_observation(server, browsers):
+    driver = browsers("forced")
+    driver.get(server)
+    wait_for(driver, lambda d: idle(d) and css(d, '[data-testid="stChatInputTextArea"]'), "the app to load")
+    open_page(driver, "Tool")
+    set_max_new_tokens(driver, 48)  # room for the call's JSON
+    choose(driver, "tool_choice", "ask_colleague")
+    send(driver, "Ask my colleague what time the meeting is.", expect=2)
+    box = wait_for(driver, lambda d: css(d, ".st-key-observation_text textarea")[0], "the observation form")
+    box.send_keys("The meeting is at 3 pm.")
+    next(b for b in css(driver, "button") if b.text.strip() == "Send observation").click()
+    wait_for(driver, lambda d: idle(d) and len(messages(d)) >= 4, "the model's next step")
+    time.sleep(1)
+    page = driver.find_element("css selector", "body").text
+    shot(driver, "forced-tool-after-observation")
+    # forced again, the model would call ask_colleague until the round limit
+    assert "kept calling tools" not in page
+    assert page.count("Calling tool ask_colleague") == 1, page

@@ -431,3 +431,67 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_running_row(small_backend
     s, _ = removed.add(long)
     removed.remove(s)  # a caller that cancels while its prompt is still waiting
     assert not removed.prefilling and torch.is_tensor(removed.add(short)[1])
+
+
+PARIS = [Message(Role.USER, "Tell me about the history of Paris in a few sentences.")]
+FOLLOW_UPS = ["And of Rome?", "Which of the two is older?"]
+
+
+def conversation(engine, options, others=()):
+    """A three-turn chat (PARIS, then FOLLOW_UPS), each turn sent with the replies so far; the
+    `others` prompts run between the second and third turn. Returns each turn's (text, done)."""
+    convo, turns = list(PARIS), []
+    for i, follow_up in enumerate([None, *FOLLOW_UPS]):
+        if follow_up is not None:
+            convo += [turns[-1][1].message, Message(Role.USER, follow_up)]
+        if i == 2:
+            for prompt in others:
+                collect(engine, [Message(Role.USER, prompt)], options)
+        turns.append(collect(engine, convo, options))
+    return turns
+
+
+def test_a_next_turn_starts_from_the_cached_prefix_and_replies_as_cold(small_backend, monkeypatch):
+    """transformers: turn N+1's prompt begins with turn N's prompt and reply, so only the new part is
+    prefilled (usage.cached_tokens); the greedy replies are the ones the same chat gets with no cache,
+    also when other chats evict the entry between turns (a store of ~1.5 conversations)."""
+    from chatglm_core.backends.transformers_backend import KVStore
+
+    opts = GenerationOptions(temperature=0, max_new_tokens=24)
+    monkeypatch.setattr(small_backend, "kv_store", None)
+    cold = conversation(Engine(small_backend), opts)
+    config = small_backend.model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # float32 K and V
+    monkeypatch.setattr(small_backend, "kv_store", KVStore(per_token * 160))
+    warm = conversation(Engine(small_backend), opts, others=EIGHT[:2])
+    assert [t for t, _ in warm] == [t for t, _ in cold] and all(t for t, _ in cold)
+    assert [d.usage.cached_tokens for _, d in cold] == [0, 0, 0]
+    first, second, third = (d.usage for _, d in warm)
+    assert first.cached_tokens == 0
+    # all of turn 1 (its last reply token was sampled, never fed) is the start of turn 2
+    assert second.cached_tokens == first.prompt_tokens + first.completion_tokens - 1
+    assert third.cached_tokens < first.prompt_tokens  # evicted: only the shared system prompt was left
+    assert len(small_backend.kv_store.cache) >= 1 and small_backend.kv_store.cache.size <= per_token * 160
+
+
+def test_a_row_started_from_a_cached_prefix_outlives_the_entry(small_backend):
+    """transformers: a row copies the entry it starts from, so evicting the entry mid-generation (or
+    a longer row ending in it) changes nothing: its logits are those of the prompt fed whole."""
+    from chatglm_core.backends.transformers_backend import KVRows, KVStore
+
+    store = KVStore(2**30)
+    shared = small_backend.prompt_ids(PARIS)
+    rows = KVRows(small_backend.model, 2, store=store)
+    slot, _ = rows.add(shared + [28, 29])
+    rows.remove(slot)  # its KV is kept
+    prompt = shared + [30, 31, 32]
+    slot, warm = rows.add(prompt)
+    assert rows.cached_tokens(slot) == len(shared) and len(store.cache) == 1  # a diverging entry stays
+    store.cache.pop(next(iter(store.cache)))  # evicted while the row runs
+    cold_rows = KVRows(small_backend.model, 1)
+    cold_slot, cold = cold_rows.add(prompt)
+    for token in (5, 6, 7):
+        assert float((warm - cold).abs().max()) < 1e-3
+        warm, cold = rows.step({slot: token})[slot], cold_rows.step({cold_slot: token})[cold_slot]
+    rows.remove(slot)
+    assert store.cache.covering(prompt + [5, 6]) is not None  # it left its own entry

@@ -240,7 +240,7 @@ def test_eight_batched_callers_get_their_single_stream_logits(llama_backend, mon
     got = concurrently(Engine(llama_backend), [([Message(Role.USER, p)], opts, {}) for p in EIGHT])
     monkeypatch.undo()
     assert all(text and done.finish_reason in ("stop", "length") for text, done in got)
-    assert len(spy.seen) == 8 and sorted(llama_backend._free_seqs) == list(range(8)), "every row gave its sequence back"
+    assert len(spy.seen) == 8 and not llama_backend.seqs.busy, "every row gave its sequence back"
     worst = spy.worst_logit_gap(llama_backend)
     assert worst < 1.0, f"batched logits moved by {worst} from the single-sequence ones"
 
@@ -262,7 +262,8 @@ def test_a_long_prompt_joins_in_chunks_while_others_stream(llama_backend, monkey
     monkeypatch.undo()
     assert text and rest and done.usage.prompt_tokens > 4 * 32
     beside = [fed for rows, fed in spy.steps if fed and rows]  # prompt tokens fed in steps that also decoded
-    assert sum(beside) == done.usage.prompt_tokens and max(beside) == 32 and len(beside) >= 4, spy.steps
+    assert sum(beside) == done.usage.prompt_tokens - done.usage.cached_tokens, spy.steps
+    assert max(beside) == 32 and len(beside) >= 4, spy.steps
     worst = spy.worst_logit_gap(llama_backend)
     assert worst < 1.0, f"logits moved by {worst} from the single-sequence ones"
 
@@ -270,6 +271,7 @@ def test_a_long_prompt_joins_in_chunks_while_others_stream(llama_backend, monkey
 @needs_llamacpp
 def test_a_row_removed_mid_prefill_frees_its_sequence(llama_backend, monkeypatch):
     monkeypatch.setattr(llama_backend, "prefill_chunk", 16)
+    llama_backend.clear_prefix_cache()  # the prompts below are fed from position 0
     rows = llama_backend.open_rows(2)
     ids = llama_backend.prompt_ids([Message(Role.USER, "Tell me about the sea. " * 20)])
     busy, first = rows.add(llama_backend.prompt_ids(FRANCE))  # 37 tokens: longer than a chunk
@@ -277,13 +279,14 @@ def test_a_row_removed_mid_prefill_frees_its_sequence(llama_backend, monkeypatch
     short, first = rows.add(ids[:16])
     assert first is not None and short not in rows.prompts  # a prompt of a chunk or less: prefilled at once
     rows.remove(short)
-    slot, _ = rows.add(ids)
-    assert set(rows.step({busy: 1})) == {busy} and rows.pos[slot] == 16  # beside a decoding row: 16 tokens
+    slot, _ = rows.add(ids)  # takes short's sequence over: its 16 tokens are cached
+    assert rows.cached_tokens(slot) == 16 and rows.pos[slot] == 16
+    assert set(rows.step({busy: 1})) == {busy} and rows.pos[slot] == 32  # beside a decoding row: 16 tokens
     rows.remove(slot)  # e.g. its caller cancelled
-    assert slot not in rows.prompts and len(llama_backend._free_seqs) == 7
+    assert slot not in rows.prompts and llama_backend.seqs.busy == {rows.seqs[busy]}
     assert set(rows.step({busy: 2})) == {busy}
     rows.remove(busy)
-    assert sorted(llama_backend._free_seqs) == list(range(8))
+    assert not llama_backend.seqs.busy and llama_backend.seqs.idle() == 8
 
 
 @needs_llamacpp
@@ -351,3 +354,57 @@ def test_llama_cpp_needs_a_gguf_file(small_settings, tmp_path):
     else:
         with pytest.raises(ConfigError, match="runs .gguf files"):
             llamacpp.LlamaCppBackend.from_settings(settings)
+
+
+@needs_llamacpp
+def test_a_next_turn_starts_from_the_cached_prefix_and_replies_as_cold(llama_backend, monkeypatch):
+    """llama.cpp: turn N+1's prompt begins with turn N's prompt and reply, so the finished row's
+    sequence is taken over and only the new part is fed (usage.cached_tokens). The greedy replies
+    are the ones the same chat gets with no cache, also when eight other chats between turns 2 and 3
+    evict its entry (each starts from a copy of the shared system prompt)."""
+    from test_engine import conversation
+
+    opts = GenerationOptions(temperature=0, max_new_tokens=24)
+    llama_backend.clear_prefix_cache()
+    monkeypatch.setattr(llama_backend.seqs, "caching", False)
+    cold = conversation(Engine(llama_backend), opts)
+    monkeypatch.setattr(llama_backend.seqs, "caching", True)
+    warm = conversation(Engine(llama_backend), opts, others=EIGHT)
+    assert [t for t, _ in warm] == [t for t, _ in cold] and all(t for t, _ in cold)
+    assert [d.usage.cached_tokens for _, d in cold] == [0, 0, 0]
+    first, second, third = (d.usage for _, d in warm)
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == first.prompt_tokens + first.completion_tokens - 1  # the last token was never fed
+    assert 0 < third.cached_tokens < first.prompt_tokens  # only the system prompt was left to share
+    assert not llama_backend.seqs.busy and len(llama_backend.seqs.cache) == 8
+
+
+@needs_llamacpp
+def test_a_copied_prefix_survives_its_entry_being_evicted_before_the_copy(llama_backend, monkeypatch):
+    """A prompt that diverges inside a cached entry gets a copy of its cells (llama.cpp performs the
+    copy at the next decode). Another row evicts the entry and decodes into its sequence before that:
+    the copy still holds the shared prefix, and the row's first logits are its prompt's fed whole."""
+    monkeypatch.setattr(llama_backend, "prefill_chunk", 8)
+    llama_backend.clear_prefix_cache()
+    system = Message(Role.SYSTEM, "You are a careful assistant who answers in plain words. " * 4)
+    a = llama_backend.prompt_ids([system, Message(Role.USER, "Name a colour.")])
+    b = llama_backend.prompt_ids([system, Message(Role.USER, "Describe the sea at night in a few words.")])
+    rows = llama_backend.open_rows(8)
+    slot = rows.add(a)[0]
+    while slot not in rows.step({}):
+        pass
+    entry = rows.seqs[slot]
+    rows.remove(slot)
+    busy = [rows.add([1, 2, 3, 4 + i])[0] for i in range(6)]  # short prompts: decoded at once
+    slot_b, first = rows.add(b)
+    shared = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    assert first is None and rows.cached_tokens(slot_b) == shared > 16 and entry in llama_backend.seqs.cache
+    busy.append(rows.add([5, 6, 7])[0])  # no sequence is free: the entry is evicted, its cells reused
+    assert rows.seqs[busy[-1]] == entry and not llama_backend.seqs.cache
+    while (got := rows.step({}).get(slot_b)) is None:
+        pass
+    for s in busy:
+        rows.remove(s)
+    (cold,) = llama_backend.teacher_forced_logits(b, len(b) - 1)
+    assert float((got - cold).abs().max()) < 1.0
+    rows.remove(slot_b)

@@ -122,12 +122,17 @@ def test_remote_engines_apply_their_own():
     assert (d.temperature, d.from_model) == (0.7, frozenset())
 
 
-def test_api_request_values_win_and_penalty_follows_openai_unless_the_model_recommends_one():
+def test_api_request_values_win_and_what_they_leave_out_is_the_apps_default():
     s = load_settings()
     backend = types.SimpleNamespace(context_window=2048, sampling=sampling.defaults(s))
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     (opts,) = plan_chat(req, s, backend).options
-    assert (opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty) == (0.2, 0.9, 0, 1.0)
+    # the embedded model recommends no penalty: the app's 1.05, which answers it best (bench_api_defaults.py)
+    assert (opts.temperature, opts.top_p, opts.top_k, opts.repetition_penalty) == (0.2, 0.9, 0, 1.05)
+    # ... except for a structured reply (JSON mode, a forced call), where a penalty makes greedy JSON ramble
+    json_req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                     "response_format": {"type": "json_object"}})
+    assert plan_chat(json_req, s, backend).options[0].repetition_penalty == 1.0
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.0,
                                                 "top_p": 0.5, "top_k": 3, "repetition_penalty": 1.3})
     (opts,) = plan_chat(req, s, backend).options

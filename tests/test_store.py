@@ -131,3 +131,120 @@ def test_markdown_export():
     assert "```python\nprint(1)\n```" in md
     assert "**Observation (interpreter)**\n\n```\n1\n```" in md
     assert "Done: <b>1</b>" in md
+
+
+# --- settings, pending calls and reply meta kept with the conversation (issue 18, items 3, 6, 7) ---
+def test_settings_pending_call_and_reply_meta_survive_a_reopen(tmp_path):
+    path = tmp_path / "conv.sqlite3"
+    conv = tool_conversation()
+    conv.settings = {"temperature": 0.3, "top_p": 0.8, "repetition_penalty": 1.1, "max_new_tokens": 77,
+                     "system": "Answer in French."}
+    conv.messages[-1].meta = {"finish": "length", "tokens": 77, "ttft_s": 0.12, "tok_s": 95.5, "max_new_tokens": 77}
+    conv.messages.append(Message(Role.ASSISTANT, "", [ToolCall("ask_colleague", {"q": "when?"}, "call_9")]))
+    conv.pending_call_id = "call_9"
+    ConversationStore(path).save(conv)
+    back = ConversationStore(path).get("c1", conv.id)  # a new process on the same file
+    assert back.settings == conv.settings
+    assert back.messages[4].meta == conv.messages[4].meta
+    assert back.pending_call() == ToolCall("ask_colleague", {"q": "when?"}, "call_9")
+    back.messages.append(Message(Role.TOOL, "at 3", tool_call_id="call_9", name="ask_colleague"))
+    assert back.pending_call() is None  # answered: no longer waiting
+
+
+OLD_SCHEMA = """
+CREATE TABLE conversations (id TEXT PRIMARY KEY, client_id TEXT NOT NULL, mode TEXT NOT NULL,
+    title TEXT NOT NULL DEFAULT '', messages TEXT NOT NULL DEFAULT '[]', created_at REAL NOT NULL,
+    updated_at REAL NOT NULL);
+INSERT INTO conversations VALUES ('old1', 'c1', 'chat', 'about dragons',
+    '[{"role": "user", "content": "tell me about dragons"}, {"role": "assistant", "content": "They fly."}]', 1.0, 2.0);
+"""
+
+
+def test_a_database_from_the_first_version_is_migrated_and_searchable(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+    store = ConversationStore(path)
+    old = store.get("c1", "old1")
+    assert [m.content for m in old.messages] == ["tell me about dragons", "They fly."]
+    assert old.settings == {} and old.pending_call_id is None
+    assert [c.id for c in store.search("c1", "fly")] == ["old1"]  # indexed when the database was opened
+    old.settings = {"system": "be brief"}
+    store.save(old)
+    assert ConversationStore(path).get("c1", "old1").settings == {"system": "be brief"}
+
+
+# --- search (issue 18, item 8) ---------------------------------------------------------------------
+@pytest.fixture(params=[True, False], ids=["fts5", "like"])
+def searchable(request, tmp_path):
+    store = ConversationStore(tmp_path / "s.sqlite3", full_text=request.param)
+    assert store.fts is request.param  # CPython's sqlite3 has FTS5; the fallback is forced here
+    return store
+
+
+def test_search_finds_titles_and_message_text_of_this_client_only(searchable):
+    dragons = searchable.save(Conversation("alice", "chat", [Message(Role.USER, "A story about dragons"),
+                                                             Message(Role.ASSISTANT, "Once upon a time in Lyon.")]))
+    recipe = searchable.save(Conversation("alice", "chat", [Message(Role.USER, "A pancake recipe"),
+                                                            Message(Role.ASSISTANT, "Flour, eggs, milk.")]))
+    tools = searchable.save(Conversation("alice", "tools", [Message(Role.USER, "What time is it in Lyon?")]))
+    searchable.save(Conversation("bob", "chat", [Message(Role.USER, "dragons everywhere in Lyon")]))
+    assert [c.id for c in searchable.search("alice", "dragon")] == [dragons.id]  # a title word, as a prefix
+    assert [c.id for c in searchable.search("alice", "EGGS")] == [recipe.id]  # reply text, any case
+    assert {c.id for c in searchable.search("alice", "lyon")} == {dragons.id, tools.id}
+    assert [c.id for c in searchable.search("alice", "lyon", mode="tools")] == [tools.id]
+    assert [c.id for c in searchable.search("alice", "story lyon")] == [dragons.id]  # every word must match
+    assert searchable.search("alice", "unicorn") == []
+    assert searchable.search("carol", "dragons") == []
+
+
+@pytest.mark.parametrize("query", ['"', "AND OR NOT", "NEAR(", "title:x*", "50%_off", "   ", "'; DROP TABLE x"])
+def test_search_takes_any_text_without_error(searchable, query):
+    searchable.save(Conversation("c", "chat", [Message(Role.USER, "50% off for the title: x")]))
+    assert isinstance(searchable.search("c", query), list)
+
+
+def test_search_forgets_deleted_and_follows_updated_conversations(searchable):
+    conv = searchable.save(Conversation("c", "chat", [Message(Role.USER, "apples")]))
+    conv.messages.append(Message(Role.ASSISTANT, "bananas"))
+    searchable.save(conv)
+    assert [c.id for c in searchable.search("c", "bananas")] == [conv.id]
+    searchable.delete("c", conv.id)
+    assert searchable.search("c", "apples") == []
+
+
+# --- export / import of the system prompt and settings (issue 18, item 6) --------------------------
+def test_export_and_import_keep_the_system_prompt_and_settings():
+    conv = tool_conversation()
+    conv.settings = {"temperature": 0.25, "max_new_tokens": 300, "system": "You are terse."}
+    data = json.loads(conversation_to_json(conv))
+    assert data["system"] == "You are terse." and data["settings"] == {"temperature": 0.25, "max_new_tokens": 300}
+    back = conversation_from_json(json.dumps(data), client_id="x", mode="interpreter")
+    assert back.settings == conv.settings
+    md = conversation_to_markdown(conv)
+    assert "**System prompt**\n\nYou are terse." in md
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"messages": [], "system": 3}', "'system'"),
+    ('{"messages": [], "settings": {"temperature": "hot"}}', "'temperature' must be a float"),
+    ('{"messages": [], "settings": []}', "'settings' must be an object"),
+    ('{"messages": [{"role": "user", "content": "x", "meta": 1}]}', "'meta' must be an object"),
+])
+def test_bad_settings_in_an_import_name_the_problem(text, fragment):
+    with pytest.raises(RequestError, match=fragment):
+        conversation_from_json(text, client_id="x", mode="chat")
+
+
+def test_trash_hides_restore_brings_back_purge_deletes(store):
+    conv = store.save(Conversation("c", "chat", [Message(Role.USER, "undo me")]))
+    other = store.save(Conversation("c2", "chat", [Message(Role.USER, "not mine")]))
+    assert store.trash("c", conv.id) and not store.trash("c2", conv.id)
+    assert store.get("c", conv.id) is None and store.list("c") == [] and store.search("c", "undo") == []
+    assert store.restore("c", conv.id) and store.get("c", conv.id).messages == conv.messages
+    store.trash("c", conv.id)
+    assert store.purge("c", older_than_s=600) == 0  # recent: kept for an undo
+    assert store.purge("c") == 1 and not store.restore("c", conv.id)
+    assert store.get("c2", other.id) is not None

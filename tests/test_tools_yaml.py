@@ -94,8 +94,8 @@ def test_duplicate_of_a_builtin(tmp_path):
 
 @pytest.mark.parametrize("body, expected", [
     ("tools: [\n", "not valid YAML at line"),
-    ("- name: x\n", "one top-level key, tools"),
-    ("tools: {name: x}\n", "one top-level key, tools"),
+    ("- name: x\n", "top-level keys must be tools"),
+    ("tools: {name: x}\n", "top-level keys must be tools"),
     ("tools:\n  - just a string\n", "must be a mapping"),
 ])
 def test_file_shape_errors(tmp_path, body, expected):

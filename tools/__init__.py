@@ -2,7 +2,8 @@
 
 The module-level functions keep ChatGLM3's names (`register_tool`, `get_tools`, `dispatch_tool`)
 and act on the process's default registry, built on first use from `configure(settings)` (or
-default settings): the built-ins, `custom_tools.yaml` and the files in CHATGLM_TOOLS.
+default settings): the built-ins, `custom_tools.yaml` and the files in CHATGLM_TOOLS, with the
+tools of the MCP servers those files list (`tools.mcp_tools`).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tools.calculator import evaluate
 from tools.registry import ToolError, ToolRegistry
+from tools.schema import function_spec
 
 WEATHER_URL = "https://wttr.in/{city}?format=j1"
 WEATHER_TIMEOUT = 5.0
@@ -98,8 +99,17 @@ SHELL_TIMEOUT = 30.0
 BUILTINS = [random_number_generator, get_current_time, calculator, get_weather]
 
 
+#: What an expression looks like, for the grammar of a constrained call (`x-grammar-pattern`: the
+#: grammar's, not the schema check's, so a wrong expression still gets the calculator's own advice):
+#: forced calculator calls on SmolLM2 wrote "{6} * {9}", "= 240" and prose without it.
+EXPRESSION_PATTERN = r"^[0-9a-z(-][0-9a-z(). +*/%,-]{0,79}$"
+
+
 def register_builtins(registry: ToolRegistry, settings: Any = None) -> None:
     for func in BUILTINS:
-        registry.register(func, source="builtin")
+        spec = function_spec(func)
+        if func is calculator:
+            spec["parameters"]["properties"]["expression"]["x-grammar-pattern"] = EXPRESSION_PATTERN
+        registry.register(func, spec=spec, source="builtin")
     if settings is not None and settings.enable_shell_tool:
         registry.register(shell, source="builtin", timeout=SHELL_TIMEOUT + 5)  # let it kill the command first

@@ -6,6 +6,9 @@ Schema when the tool is defined. `dispatch` is the one place where a tool's fail
 bad arguments, exceptions and timeouts come back as an error `ToolResult` the model can read,
 never as an exception. A process has one default registry (`tools.default_registry()`); each
 browser session works on its own `copy()`, so its uploads and enable/disable switches stay its own.
+A registry owns the MCP server connections its YAML files started (`own_mcp`): reloading a file
+closes that file's servers (`close_mcp`), and so does the registry's garbage collection; a copy
+shares the tools but owns none of them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import re
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +73,8 @@ class ToolRegistry:
         self._tools: dict[str, Tool] = {}
         self._disabled: set[str] = set()
         self.load_errors: list[ConfigError] = []  # from load_all: shown to the user, never fatal
+        self.warnings: list[str] = []  # MCP servers that failed to start, tools skipped: shown, never fatal
+        self._mcp: dict[str, list[Any]] = {}  # source → the McpConnections its file started
 
     @classmethod
     def from_settings(cls, settings: Any) -> ToolRegistry:
@@ -131,7 +137,23 @@ class ToolRegistry:
         other._tools = dict(self._tools)
         other._disabled = set(self._disabled)
         other.load_errors = list(self.load_errors)
+        other.warnings = list(self.warnings)
         return other
+
+    # --- MCP connections ----------------------------------------------------------------------
+    def own_mcp(self, source: str, connection: Any) -> None:
+        """Keep `connection` (started for `source`'s file) until that file is reloaded or this registry goes."""
+        self._mcp.setdefault(source, []).append(connection)
+        weakref.finalize(self, connection.close)
+
+    def close_mcp(self, source: str | None = None) -> None:
+        """Stop the MCP servers `source`'s file started (all of them without a source) and drop their tools."""
+        for src in [source] if source is not None else list(self._mcp):
+            for conn in self._mcp.pop(src, []):
+                conn.close()
+            for name in [n for n, t in self._tools.items() if t.source.startswith(f"{src} · mcp server ")]:
+                self.unregister(name)
+            self.warnings = [w for w in self.warnings if not w.startswith(f"{src}: ")]
 
     def load_yaml(self, path: str | Path) -> list[str]:
         """Register every tool of a YAML file (all or none); raises ConfigError naming file, tool, field."""

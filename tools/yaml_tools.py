@@ -1,9 +1,11 @@
 """Custom tools from YAML files: a schema-checked spec plus one way to run it.
 
 Each file is loaded all-or-none: every problem in it (unknown keys, missing fields, an invalid
-JSON Schema, duplicate names, a callable that will not import) is gathered into ONE ConfigError
-naming the file, the tool and the field. `load_all` loads the bundled `custom_tools.yaml` and the
-files in CHATGLM_TOOLS; a bad file is reported and skipped, never taking other tools down.
+JSON Schema, duplicate names, a callable that will not import, a bad `mcp:` server entry) is
+gathered into ONE ConfigError naming the file, the tool or server and the field. The file's
+`mcp:` servers start once its tools are registered (`tools.mcp_tools`). `load_all` loads the
+bundled `custom_tools.yaml` and the files in CHATGLM_TOOLS; a bad file is reported and skipped,
+never taking other tools down.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chatglm_core.errors import ConfigError
+from tools.mcp_tools import entry_problems, start_servers
 from tools.registry import NAME_RE, ToolError, ToolRegistry
 from tools.schema import check_parameters_schema
 
@@ -81,9 +84,11 @@ def load_yaml_file(registry: ToolRegistry, path: Path) -> list[str]:
 
 
 def load_yaml_text(registry: ToolRegistry, text: str, source: str, base_dir: Path | None = None) -> list[str]:
-    """Register the tools in `text`; returns their names. Raises one ConfigError listing every problem."""
-    entries = _entries(text, source)
-    problems, staged, seen = [], [], set()
+    """Register the tools in `text` and start its MCP servers; returns the tools' names. Raises one
+    ConfigError listing every problem in the file (a server that fails to start is a warning)."""
+    entries, servers = _entries(text, source)
+    mcp_entries, problems = entry_problems(servers)
+    staged, seen = [], set()
     for i, raw in enumerate(entries):
         label = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else f"#{i + 1}"
         try:
@@ -95,7 +100,7 @@ def load_yaml_text(registry: ToolRegistry, text: str, source: str, base_dir: Pat
             problems.append(f"tool {entry.name!r}: name: defined twice in this file")
         seen.add(entry.name)
         other = registry.get(entry.name)
-        if other is not None and other.source != source:
+        if other is not None and other.source != source and not other.source.startswith(f"{source} · "):
             problems.append(f"tool {entry.name!r}: name: already defined by {other.source}")
         try:
             check_parameters_schema(entry.parameters, f"tool {entry.name!r}: parameters")
@@ -105,13 +110,14 @@ def load_yaml_text(registry: ToolRegistry, text: str, source: str, base_dir: Pat
     if problems:
         raise ConfigError(f"{source}: " + ("; ".join(problems) if len(problems) == 1 else
                                            "\n  - " + "\n  - ".join(problems)))
+    registry.close_mcp(source)  # the servers this file started last time
     for entry, run in staged:
         spec = {"name": entry.name, "description": entry.description, "parameters": entry.parameters}
         registry.register(run, spec=spec, timeout=entry.timeout, source=source)
-    return [entry.name for entry, _ in staged]
+    return [entry.name for entry, _ in staged] + start_servers(registry, mcp_entries, source)
 
 
-def _entries(text: str, source: str) -> list[Any]:
+def _entries(text: str, source: str) -> tuple[list[Any], list[Any]]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -121,7 +127,7 @@ def _entries(text: str, source: str) -> list[Any]:
     except RecursionError:  # PyYAML parses nesting recursively
         raise ConfigError(f"{source}: nested too deeply to load: flatten the file") from None
     if data is None:
-        return []
+        return [], []
     try:
         size = _expanded_size(data, {})
     except RecursionError:
@@ -131,9 +137,11 @@ def _entries(text: str, source: str) -> list[Any]:
     if size > MAX_VALUES:
         raise ConfigError(f"{source}: the file expands to more than {MAX_VALUES:,} values; YAML aliases (*name) "
                           "repeat whole values: write the tools out plainly")
-    if not isinstance(data, dict) or set(data) != {"tools"} or not isinstance(data["tools"], list):
-        raise ConfigError(f"{source}: the file must have one top-level key, tools: a list of tool entries")
-    return data["tools"]
+    if not isinstance(data, dict) or not data or not set(data) <= {"tools", "mcp"} or \
+            not all(isinstance(v, list) for v in data.values()):
+        raise ConfigError(f"{source}: the file's top-level keys must be tools: (a list of tool entries) "
+                          "and/or mcp: (a list of MCP servers)")
+    return data.get("tools", []), data.get("mcp", [])
 
 
 #: The most values (scalars, lists, mappings) a tools file may expand to once its aliases are

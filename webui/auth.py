@@ -144,6 +144,13 @@ def gate() -> None:
     st.stop()
 
 
+def may_act() -> bool:
+    """For widget callbacks, which Streamlit runs before `gate`: whether this session still acts as its
+    logged-in owner (False once its login has ended: the gate then shows the login page)."""
+    owner = st.session_state.get(OWNER)
+    return owner is None or _current_owner() == owner
+
+
 def _request_host() -> str:
     """The host name the browser used (the Host header, without the port); "" when there is none (tests)."""
     host = st.context.headers.get("Host")

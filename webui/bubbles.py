@@ -15,7 +15,7 @@ import streamlit as st
 
 from chatglm_core.context import notice_text
 from chatglm_core.messages import INTERPRETER, ContextTrimmed, Message, Role, ToolCall
-from webui import state
+from webui import reply_stats
 from webui.markdown import to_markdown
 
 OBSERVATION_AVATAR = ":material/terminal:"
@@ -57,12 +57,12 @@ def _show_message(m: Message, i: int, last_code: str | None, answered: set[str |
     with st.chat_message(m.role.value):
         if m.content or not m.tool_calls:
             st.markdown(to_markdown(m.content) or "*(empty reply)*")
-        if state.was_stopped(m):
-            st.caption(":material/stop_circle: stopped — the partial reply is kept")
         for call in m.tool_calls:
             show_call(call, editable=call.id == last_code, ran=call.id in answered)
         if after is not None:
             after(i, m)
+        if m.role is Role.ASSISTANT:
+            reply_stats.show(m.meta)  # stopped / cut by max new tokens; tokens and timings
 
 
 def _left_out(messages: list[Message], context: ContextTrimmed | None) -> list[int]:

@@ -1,7 +1,8 @@
 """The shared sidebar: model, generation controls, system prompt, conversation actions and history.
 
-Buttons only record an *action* in ``st.session_state[f"action_{mode}"]``; the page applies it at
-the top of its next run (see `webui.flow`), so every change goes through one place.
+Buttons call `webui.flow.act` as their callback: New, Clear, open, delete and undo take effect
+before the script runs, so this sidebar already shows their result; Retry and Edit leave an action
+the page applies (it runs the generation). Every change goes through that one place.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from chatglm_core.engine import Engine
 from chatglm_core.errors import RequestError
 from chatglm_core.messages import Message, Role
 from chatglm_core.store import Conversation, conversation_from_json, conversation_to_json, conversation_to_markdown
-from webui import state
+from webui import auth, conv_settings, flow, reply_stats, state
 from webui.bubbles import escape_md
+from webui.turn import stop_generation
+
+SEARCH_KEY = "conv_search_{mode}"
 
 
 def show(mode: str, engine: Engine | None) -> None:
@@ -29,9 +33,14 @@ def show(mode: str, engine: Engine | None) -> None:
                        + (f" ({runtime})" if runtime else ""))
         else:
             st.caption("Model not loaded")
-        _generation_controls(mode, engine)
+        if not st.session_state.get("trash_purged"):  # once a session: what an Undo offer left behind
+            st.session_state["trash_purged"] = True
+            state.store().purge(state.client_id(), older_than_s=flow.TRASH_KEEP_S)
         conv = state.conversation(mode)
+        conv_settings.restore_for(mode, conv)  # its settings into the widgets, before they are drawn
+        _generation_controls(mode, engine)
         _conversation_actions(mode, conv)
+        _undo_offer(mode)
         _history(mode, conv)
         _export_import(mode, conv)
 
@@ -61,6 +70,8 @@ def _generation_controls(mode: str, engine: Engine | None) -> None:
         st.session_state.setdefault(key, "" if mode == "interpreter" else s.system_prompt)
         st.text_area("System prompt", key=key, height=100,
                      help="Sent before the conversation. Leave empty for the mode's default.")
+        st.toggle("Show reply stats", key=reply_stats.SHOW_KEY, value=True,
+                  help="Tokens, time to first token and tokens/s under each reply")
 
 
 def generation_options() -> GenerationOptions:
@@ -78,7 +89,7 @@ def system_messages(mode: str) -> list[Message]:
 
 def _conversation_actions(mode: str, conv: Conversation) -> None:
     def act(*action: Any) -> None:
-        st.session_state[f"action_{mode}"] = action
+        flow.act(mode, *action)
 
     has_user = any(m.role is Role.USER for m in conv.messages)
     c1, c2, c3 = st.columns(3)
@@ -97,20 +108,36 @@ def _conversation_actions(mode: str, conv: Conversation) -> None:
                       on_click=lambda: act("edit", st.session_state.get(key, last_user)))
 
 
+def _undo_offer(mode: str) -> None:
+    offer = st.session_state.get(flow.UNDO.format(mode=mode))
+    if offer is None:
+        return
+    c1, c2 = st.columns([3, 1], vertical_alignment="center")
+    c1.caption(f"Deleted “{escape_md(offer[0].title or offer[0].default_title() or '(untitled)')}”")
+    c2.button("Undo", key=f"undo_{mode}", icon=":material/undo:", on_click=flow.act, args=(mode, "undo", offer))
+
+
 def _history(mode: str, current: Conversation) -> None:
-    past = state.store().list(state.client_id(), mode, limit=30)
-    if not past:
+    store, cid = state.store(), state.client_id()
+    past = store.list(cid, mode, limit=30)
+    if not past and not st.session_state.get(SEARCH_KEY.format(mode=mode)):
         return
     st.subheader("Conversations", divider="gray")
+    query = st.text_input("Search conversations", key=SEARCH_KEY.format(mode=mode),
+                          placeholder="Search titles and messages", label_visibility="collapsed",
+                          icon=":material/search:")
+    if query.strip():
+        past = store.search(cid, query, mode=mode)
+        if not past:
+            st.caption("No conversation matches.")
     for conv in past:
         c1, c2 = st.columns([5, 1])
         # a title is the user's text: escaped, so button-label markdown (links, images) stays text
         label = ("▶ " if conv.id == current.id else "") + escape_md(conv.title or "(untitled)")
         c1.button(label, key=f"open_{conv.id}", help=time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.updated_at)),
-                  on_click=lambda cid=conv.id: st.session_state.update({f"action_{mode}": ("open", cid)}),
-                  width="stretch")
-        c2.button("", key=f"del_{conv.id}", icon=":material/delete:", help="Delete",
-                  on_click=lambda cid=conv.id: st.session_state.update({f"action_{mode}": ("delete", cid)}))
+                  on_click=flow.act, args=(mode, "open", conv.id), width="stretch")
+        c2.button("", key=f"del_{conv.id}", icon=":material/delete:", help="Delete (you can undo)",
+                  on_click=flow.act, args=(mode, "delete", conv.id))
 
 
 def _export_import(mode: str, conv: Conversation) -> None:
@@ -128,12 +155,13 @@ def _export_import(mode: str, conv: Conversation) -> None:
 
 def _import(mode: str) -> None:
     upload = st.session_state.get(f"import_{mode}")
-    if upload is None:
+    if upload is None or not auth.may_act():
         return
     try:
         conv = conversation_from_json(upload.getvalue(), client_id=state.client_id(), mode=mode)
     except RequestError as e:
         st.session_state["import_error"] = f"Could not import {upload.name}: {e}"
         return
-    state.save(conv)
+    stop_generation()
+    state.store().save(conv)  # as imported: its own settings and system prompt, not the sidebar's
     state.set_conversation(mode, conv)

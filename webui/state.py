@@ -2,7 +2,8 @@
 
 A browser keeps its id in the URL (``?cid=…``), so a refresh, or a server restart, finds the same
 conversations in the store. Each mode (chat, tools, interpreter) has its own current
-conversation in ``st.session_state``; every finished (or stopped) turn is saved.
+conversation in ``st.session_state``; every finished (or stopped) turn is saved, with the
+generation settings and system prompt it was held with, and how each reply ended.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 import streamlit as st
 
 from chatglm_core.engine import Engine
-from chatglm_core.messages import ContextTrimmed
+from chatglm_core.messages import ContextTrimmed, Message
 from chatglm_core.settings import Settings, load_settings
 from chatglm_core.store import Conversation, ConversationStore
 
@@ -102,19 +103,17 @@ def set_conversation(mode: str, conv: Conversation) -> None:
 
 
 def save(conv: Conversation) -> None:
-    """Persist a conversation that has something in it."""
-    if conv.messages:
+    """Persist a conversation that has something in it (not one the user deleted meanwhile)."""
+    if conv.messages and not conv.discarded:
+        from webui import conv_settings
+
+        conv.settings = {**conv.settings, **conv_settings.snapshot(conv.mode)}
         store().save(conv)
 
 
-def mark_stopped(message: object) -> None:
-    # keyed by id(); the dict holds the message too, so the id is not reused while it matters
-    st.session_state.setdefault("stopped", {})[id(message)] = message
-
-
-def was_stopped(message: object) -> bool:
-    """Whether the user stopped this reply (shown with a note; session-only)."""
-    return id(message) in st.session_state.get("stopped", {})
+def mark_stopped(message: Message) -> None:
+    """The reply was cut (Stop, a click, a page switch): saved with it, shown under it."""
+    message.meta["finish"] = "stopped"
 
 
 def context_views() -> dict[str, ContextTrimmed | None]:

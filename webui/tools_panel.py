@@ -5,8 +5,10 @@ built-ins, custom_tools.yaml and CHATGLM_TOOLS), so enabling, disabling or uploa
 one session changes nothing for the others.
 
 Uploaded or edited YAML comes from a browser, not from whoever configured the server: it may
-define manual and HTTP tools, but ``python:`` tools (which import and call any function on the
-server) are refused unless the server enabled the shell tool, which already grants that power.
+define manual and HTTP tools and HTTP (``url:``) MCP servers, but ``python:`` tools and ``command:``
+MCP servers (which run code on the server) are refused unless the server enabled the shell tool,
+which already grants that power. MCP servers a session's YAML starts are this session's: they stop
+when the YAML is replaced or the session's registry is dropped.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def show() -> ToolSetup:
         st.subheader("Tools", divider="gray")
         for err in registry.load_errors:
             st.error(f"A tools file was skipped: {err}")
+        for warning in registry.warnings:
+            st.warning(warning, icon=":material/warning:")
         for tool in registry.tools(include_disabled=True):
             _tool_row(registry, tool)
         names = registry.names()
@@ -94,7 +98,8 @@ def _yaml_editor(registry: Any) -> None:
         st.text_area("YAML", key="tools_yaml", height=220, placeholder="tools:\n  - name: ...")
         if st.button("Load / reload", key="tools_reload", icon=":material/sync:"):
             st.session_state.pop("tools_upload_unloaded", None)
-            _reload(registry, st.session_state.get("tools_yaml", ""))
+            with st.spinner("Loading tools (and starting MCP servers)…"):
+                _reload(registry, st.session_state.get("tools_yaml", ""))
         if msg := st.session_state.pop("tools_message", None):
             (st.error if msg[0] == "error" else st.success)(msg[1])
 
@@ -111,6 +116,7 @@ def _reload(registry: Any, text: str) -> None:
         st.session_state["tools_message"] = ("error", str(e))
         return
     st.session_state["tool_registry"] = fresh
+    registry.close_mcp(SESSION_SOURCE)  # the servers the replaced YAML started
     st.session_state["tools_from_editor"] = names
     st.session_state["tools_message"] = ("ok", f"Loaded {len(names)} tool(s): {', '.join(names) or 'none'}")
     st.rerun()
@@ -126,11 +132,18 @@ def _refuse_python_tools(text: str) -> None:
     except yaml.YAMLError:
         return  # the loader reports the syntax error with its position
     entries = data.get("tools", []) if isinstance(data, dict) else data
+    servers = data.get("mcp", []) if isinstance(data, dict) else []
+    servers = servers if isinstance(servers, list) else []  # the loader reports a wrong shape
     bad = [str(e.get("name", "?")) for e in entries or [] if isinstance(e, dict) and "python" in e]
     if bad:
         raise ConfigError(f"{SESSION_SOURCE}: tool(s) {', '.join(bad)} use 'python:', which runs code on the server; "
                           "from the browser only 'http:' and 'manual: true' tools are allowed. Put python tools "
                           "in a file listed in CHATGLM_TOOLS (or enable the shell tool, which grants the same power).")
+    bad = [str(e.get("name", "?")) for e in servers if isinstance(e, dict) and "command" in e]
+    if bad:
+        raise ConfigError(f"{SESSION_SOURCE}: mcp server(s) {', '.join(bad)} use 'command:', which runs a program on "
+                          "the server; from the browser only 'url:' MCP servers are allowed. Put command servers in "
+                          "a file listed in CHATGLM_TOOLS (or enable the shell tool, which grants the same power).")
 
 
 def manual_registry(registry: Any) -> Any:

@@ -13,8 +13,16 @@ script touches an element, and this keeps a Stop prompt in every phase.
 
 With ``runner.fastReruns`` (Streamlit's default) the new run starts at once on a fresh thread
 while the old one is still unwinding, so the new run must not wait for that ``finally``: main.py
-calls `stop_generation()` first thing, which sets the in-flight turn's cancel event and marks its
-partial reply as stopped before the page draws the history.
+calls `stop_generation()` first thing, which sets the in-flight turn's cancel event, marks its
+partial reply as stopped and saves it before the page draws the history.
+
+A partial reply is saved however the run ends: by `stop()` (the next run or the Stop button), by
+the ``finally`` (when Streamlit raises StopException/RerunException in this thread), and every
+SAVE_EVERY_S while it streams, for a run Streamlit abandons (a closed tab) or a process that dies.
+Until the reply ends it is saved as "stopped", which is what it is if nothing more arrives.
+Each reply's end (stopped, cut by max new tokens) and its tokens and timings go into its
+`Message.meta` (see `webui.reply_stats`); timings are taken on the helper thread, when the
+events arrive, not when this thread gets round to drawing them.
 """
 
 from __future__ import annotations
@@ -42,11 +50,12 @@ from chatglm_core.messages import (
     ToolResultEvent,
 )
 from chatglm_core.store import Conversation
-from webui import state
+from webui import conv_settings, reply_stats, state
 from webui.bubbles import CODE_RAN, OBSERVATION_AVATAR, escape_md, show_call, show_observation
 from webui.markdown import to_markdown
 
 POLL_S = 0.25
+SAVE_EVERY_S = 1.0
 _END = object()
 INTERRUPTED = "Interrupted: the user stopped {what} before it finished, so it produced no result."
 
@@ -71,15 +80,18 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
         stop_slot.empty()  # nothing left to stop
         st.error(f"Generation failed: {e}")
     finally:
+        # Save before any st.* call: after a STOP request (fastReruns turns every click and page
+        # switch into one) each session-state access raises StopException again, which would
+        # skip the rest of this block.
         if not finished:
             live.stop()
-            if on_stop is not None:
-                on_stop()
         cancel.set()
+        live.close(stopped=not finished)
+        live.save()
+        if not finished and on_stop is not None:
+            on_stop()
         if st.session_state.get("inflight") is live:  # a newer run may have started its own turn
             del st.session_state["inflight"]
-        live.close(stopped=not finished)
-        state.save(conv)
     if failed:
         return None  # no rerun: it would wipe the error message
     if paused is None:
@@ -88,8 +100,8 @@ def run_turn(conv: Conversation, events: Callable[[threading.Event], Iterator[An
 
 
 def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.Event,
-          stopped: threading.Event) -> Iterator[Any]:
-    """Yield events from a helper thread; yields None every POLL_S while nothing arrives.
+          stopped: threading.Event) -> Iterator[tuple[float, Any]]:
+    """Yield (arrival time, event) from a helper thread; (now, None) every POLL_S while nothing arrives.
 
     Once `stopped` is set the helper closes the events generator at its next event (within a
     token), which ends an agent loop and, through it, the engine's generation.
@@ -102,7 +114,7 @@ def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.
             for ev in gen:
                 if stopped.is_set():
                     break
-                box.put(ev)
+                box.put((time.monotonic(), ev))
         except BaseException as e:  # re-raised on the script thread
             box.put(e)
         finally:
@@ -114,15 +126,15 @@ def _pump(events: Callable[[threading.Event], Iterator[Any]], cancel: threading.
     threading.Thread(target=work, name="webui-turn", daemon=True).start()
     while True:
         try:
-            ev = box.get(timeout=POLL_S)
+            item = box.get(timeout=POLL_S)
         except queue.Empty:
-            yield None
+            yield time.monotonic(), None
             continue
-        if ev is _END:
+        if item is _END:
             return
-        if isinstance(ev, BaseException):
-            raise ev
-        yield ev
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def stop_generation() -> None:
@@ -130,6 +142,7 @@ def stop_generation() -> None:
     live = st.session_state.get("inflight")
     if live is not None:
         live.stop()
+        live.save()  # now: the run that streamed it may never get to its finally
 
 
 class _LiveTurn:
@@ -142,23 +155,30 @@ class _LiveTurn:
         self.bubble: Any = None
         self.waiting = st.empty()
         self.started = time.monotonic()
+        # the generation in progress: when it started, its first text, the pieces received
+        self.gen_started, self.first_at, self.last_at, self.pieces = self.started, None, self.started, 0
+        self.saved_at = self.started
+        # taken now: the saves below must not touch st.session_state (see run_turn's finally)
+        self.store = state.store()
+        self.settings = conv_settings.snapshot(conv.mode)
+        self.max_new_tokens = st.session_state.get("gen_max_new_tokens")
         self.running: ToolCall | None = None  # the call being run (a tool, a code cell), if any
         self.captions: dict[str, Any] = {}  # call id → its "Running code…" caption slot
         self.lock = threading.Lock()  # stop() runs on the next run's thread
         self.noticed = False
         state.set_context_view(conv, None)  # until this turn's generation says otherwise, the model sees it all
 
-    def consume(self, events: Iterator[Any]) -> NeedObservation | None:
-        for ev in events:
+    def consume(self, events: Iterator[tuple[float, Any]]) -> NeedObservation | None:
+        for t, ev in events:
             if ev is None:
-                self.waiting.caption(f":material/hourglass_top: working… {time.monotonic() - self.started:.0f} s")
+                self.waiting.caption(f":material/hourglass_top: working… {t - self.started:.0f} s")
                 continue
             if isinstance(ev, TextDelta):
                 if self.partial is None:
                     self.waiting.empty()
-                self._text(ev.text)
+                self._text(ev.text, t)
             elif isinstance(ev, Done):
-                self._done(ev)
+                self._done(ev, t)
             elif isinstance(ev, ContextTrimmed):
                 self._context(ev)
             elif isinstance(ev, ToolCallEvent):
@@ -167,6 +187,8 @@ class _LiveTurn:
                 self.waiting.caption(f":material/hourglass_top: running {escape_md(ev.call.name)}…")
             elif isinstance(ev, ToolResultEvent):
                 self._result(ev)
+                self.gen_started, self.first_at, self.pieces = t, None, 0  # the next generation starts now
+                self.last_at = t
             elif isinstance(ev, NeedObservation):
                 self.waiting.empty()
                 return ev
@@ -178,20 +200,41 @@ class _LiveTurn:
             self.bubble = st.chat_message("assistant")
         return self.bubble
 
-    def _text(self, text: str) -> None:
+    def _text(self, text: str, t: float) -> None:
         if self.stopped.is_set():
             return  # stopped: the partial reply is final
+        if self.first_at is None:
+            self.first_at = t
+        self.pieces, self.last_at = self.pieces + 1, t
         if self.partial is None:
-            self.partial = Message(Role.ASSISTANT, "")
+            self.partial = Message(Role.ASSISTANT, "", meta={"finish": "stopped"})  # until it ends otherwise
             self.conv.messages.append(self.partial)
             self.text_slot = self._assistant_bubble().empty()
         self.partial.content += text
+        if t - self.saved_at >= SAVE_EVERY_S:
+            self._partial_timing()
+            self.save()
+            self.saved_at = t
         self.text_slot.markdown(to_markdown(self.partial.content) + " ▌")
 
-    def _done(self, ev: Done) -> None:
+    def _partial_timing(self) -> None:
+        """A partial reply's figures so far: the pieces received stand for its tokens."""
+        if self.partial is not None:
+            self.partial.meta.update(reply_stats.timing(tokens=self.pieces, started=self.gen_started,
+                                                        first=self.first_at, ended=self.last_at), tokens_approx=True)
+
+    def _done(self, ev: Done, t: float) -> None:
         if self.stopped.is_set():
             return  # stop() already settled the partial reply
         message = ev.message
+        finish = "stopped" if ev.finish_reason == "cancelled" else ev.finish_reason
+        tokens = ev.usage.completion_tokens
+        message.meta = {"finish": finish, **reply_stats.timing(tokens=tokens or self.pieces, started=self.gen_started,
+                                                               first=self.first_at, ended=t)}
+        if not tokens:
+            message.meta["tokens_approx"] = True  # a backend that does not count: the pieces received
+        if finish == "length":
+            message.meta["max_new_tokens"] = self.max_new_tokens
         if self.partial is not None:
             self.conv.messages[self.conv.messages.index(self.partial)] = message
         elif message.content or message.tool_calls or ev.finish_reason == "cancelled":
@@ -201,9 +244,6 @@ class _LiveTurn:
             self.text_slot.markdown(to_markdown(message.content))
         elif message.content:
             bubble.markdown(to_markdown(message.content))
-        if ev.finish_reason == "cancelled":
-            state.mark_stopped(message)
-            bubble.caption(":material/stop_circle: stopped — the partial reply is kept")
         if ev.parse_error:
             bubble.warning(f"The model's tool call could not be read: {ev.parse_error}")
         with bubble:
@@ -211,6 +251,7 @@ class _LiveTurn:
                 slot = show_call(call, live=True)
                 if slot is not None:
                     self.captions[call.id] = slot
+        reply_stats.show(message.meta, bubble)
         # the next round (after a tool result) opens a new bubble
         self.partial, self.text_slot, self.bubble = None, None, None
 
@@ -234,6 +275,12 @@ class _LiveTurn:
             show_observation(ev.message)
             if not ev.ok:
                 st.caption("the tool reported an error; the model sees it as the result")
+
+    def save(self) -> None:
+        """Persist the conversation with the turn's settings; no st.* call, so safe in any thread or unwinding."""
+        if self.conv.messages and not self.conv.discarded:
+            self.conv.settings = {**self.conv.settings, **self.settings}
+            self.store.save(self.conv)
 
     def stop(self) -> None:
         """Called from the next run (or the Stop button's callback): no element updates here."""
@@ -263,4 +310,5 @@ class _LiveTurn:
         elif stopped:
             partial.content = partial.content.rstrip()
             state.mark_stopped(partial)
+            self._partial_timing()
 

@@ -24,6 +24,7 @@ from chatglm_core.api.schemas import SEED_MAX, ChatCompletionRequest, ChatMessag
 from chatglm_core.backends.base import Constraint, GenerationOptions
 from chatglm_core.engine import Engine, validate_messages
 from chatglm_core.errors import RequestError
+from chatglm_core.formats.parsing import TOOL_CALL_OPEN
 from chatglm_core.messages import Done, Message, Role, TextDelta, ToolCall, Usage
 from chatglm_core.settings import Settings
 
@@ -48,6 +49,9 @@ def plan_chat(req: ChatCompletionRequest, settings: Settings, backend: Any) -> C
     validate_messages(messages)
     base = _options(req, settings, backend)
     base.constraint = _constraint(req, tools, choice)
+    if _structured(base.constraint) and req.repetition_penalty is None \
+            and "repetition_penalty" not in sampling.of(backend, settings).from_model:
+        base.repetition_penalty = 1.0  # a penalty on JSON's repeated quotes and keys makes greedy JSON ramble
     options = []
     for i in range(req.n):
         opt = dataclasses.replace(base)
@@ -129,7 +133,8 @@ def check_schema(schema: dict[str, Any], param: str, what: str) -> None:
 
 def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> GenerationOptions:
     """The request's values; what it leaves out comes from the backend's sampling defaults (yours, else
-    the model's recommendation: `chatglm_core.sampling`), as vLLM applies a model's generation_config."""
+    the model's recommendation, else ours: `chatglm_core.sampling`), as vLLM applies a model's
+    generation_config, and as the app does."""
     context_window = backend.context_window
     d = sampling.of(backend, settings)
     max_new = req.max_completion_tokens or req.max_tokens or settings.max_new_tokens
@@ -140,9 +145,10 @@ def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> Ge
     if context_window:
         max_new = min(max_new, context_window)
     temperature = d.temperature if req.temperature is None else req.temperature
-    # OpenAI semantics: no repetition penalty unless the request asks or the model's own files
-    # recommend one (the app's fallback 1.05 derails JSON mode)
-    penalty = d.repetition_penalty if "repetition_penalty" in d.from_model else 1.0
+    # The same repetition penalty as the app (the model's own, else ours, 1.05), not OpenAI's 1.0: on the
+    # embedded SmolLM2 via llama.cpp, requests without sampling options said "Paris" 64/90 times at 1.0
+    # and 75/90 at 1.05 (benchmarks/bench_api_defaults.py). Structured replies keep 1.0 (plan_chat).
+    penalty = d.repetition_penalty
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return GenerationOptions(
         max_new_tokens=max_new,
@@ -155,6 +161,11 @@ def _options(req: ChatCompletionRequest, settings: Settings, backend: Any) -> Ge
         stop=[s for s in stop if s],
         seed=req.seed,
     )
+
+
+def _structured(constraint: Constraint | None) -> bool:
+    """JSON mode or a forced call: the whole reply is structure (an `auto` tool call is mostly text)."""
+    return constraint is not None and not constraint.auto
 
 
 def _constraint(req: ChatCompletionRequest, tools: list[dict[str, Any]] | None, choice: Any) -> Constraint | None:
@@ -194,11 +205,29 @@ async def complete(engine: Engine, plan: ChatPlan, model: str, request: Request)
         finally:
             run.close()
         assert done is not None, "generation ended without a Done event"
-        choices.append(_choice(i, only_declared_calls(done, plan.tools), plan.legacy))
+        choices.append(_choice(i, clean_done(done, plan.tools), plan.legacy))
         usage.prompt_tokens = done.usage.prompt_tokens
         usage.completion_tokens += done.usage.completion_tokens
+        if i == 0:  # the prompt as it arrived; later choices find it cached by the first
+            usage.cached_tokens = done.usage.cached_tokens
     return {"id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage_json(usage)}
+
+
+def clean_done(done: Done, tools: list[dict[str, Any]] | None) -> Done:
+    """The Done a client may see: no forged calls, no half call as text."""
+    return without_cut_call(only_declared_calls(done, tools), tools)
+
+
+def without_cut_call(done: Done, tools: list[dict[str, Any]] | None) -> Done:
+    """A call cut off by max_tokens is not text the model meant for the reader: as OpenAI does, the
+    reply ends with finish_reason "length" and no half call, keeping only the text before the call
+    (ChatGLM3's form has no text before a call)."""
+    if not tools or done.finish_reason != "length" or not done.parse_error:
+        return done
+    raw = done.raw_text or done.message.content
+    head = raw.split(TOOL_CALL_OPEN, 1)[0].strip() if TOOL_CALL_OPEN in raw else ""
+    return dataclasses.replace(done, message=Message(Role.ASSISTANT, head))
 
 
 def only_declared_calls(done: Done, tools: list[dict[str, Any]] | None) -> Done:
@@ -215,7 +244,8 @@ def only_declared_calls(done: Done, tools: list[dict[str, Any]] | None) -> Done:
 
 
 def _choice(index: int, done: Done, legacy: bool) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": done.message.content}
+    cut = done.finish_reason == "length" and done.parse_error  # a call cut short: no text to show
+    message: dict[str, Any] = {"role": "assistant", "content": done.message.content or (None if cut else "")}
     finish = _finish(done, legacy)
     calls = done.message.tool_calls
     if calls and legacy:
@@ -241,9 +271,10 @@ def _tool_call_json(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": _function_json(call)}
 
 
-def usage_json(usage: Usage) -> dict[str, int]:
+def usage_json(usage: Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
 def completion_id() -> str:
@@ -288,7 +319,9 @@ async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineR
                 elif isinstance(ev, Done):
                     usage.prompt_tokens = ev.usage.prompt_tokens
                     usage.completion_tokens += ev.usage.completion_tokens
-                    for line in _done_chunks(only_declared_calls(ev, plan.tools), plan.legacy, streamed):
+                    if i == 0:  # the prompt as it arrived; later choices find it cached by the first
+                        usage.cached_tokens = ev.usage.cached_tokens
+                    for line in _done_chunks(clean_done(ev, plan.tools), plan.legacy, streamed):
                         yield chunk(i, *line)
                 ev = await run.next()
         if plan.include_usage:

@@ -182,10 +182,15 @@ class Choice(_Model):
     logprobs: None = None
 
 
+class PromptTokensDetails(_Model):
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
+
+
 class UsageOut(_Model):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(_Model):

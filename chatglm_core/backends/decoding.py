@@ -40,7 +40,12 @@ class Rows(Protocol):
         ...
 
     def remove(self, slot: int) -> None:
-        """Forget a finished sequence and free its memory."""
+        """Forget a finished sequence and free its memory (a backend may keep its KV as a prefix
+        cache entry for later prompts that start the same way)."""
+        ...
+
+    def cached_tokens(self, slot: int) -> int:
+        """How many of the slot's prompt tokens `add` took from the prefix cache."""
         ...
 
 
@@ -128,6 +133,7 @@ class Decoding:
         self.all_ids = torch.tensor([prompt_ids])
         self.generated: list[int] = []
         self.sampled = 0
+        self.cached_tokens = 0  # prompt tokens the backend reused from its prefix cache
         self.finish_reason = "length"
 
     def sample(self, logits: Any) -> int:
@@ -163,7 +169,7 @@ class Decoding:
         tail = self.text.flush()
         if tail:
             out.append(TextDelta(tail))
-        usage = Usage(len(self.prompt_ids), self.sampled)
+        usage = Usage(len(self.prompt_ids), self.sampled, self.cached_tokens)
         text = self.text.text
         try:
             message = self._parse(text, tools=self.tools, interpreter=self.interpreter)
@@ -290,6 +296,7 @@ def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
             yield from dec.finish("cancelled")
             return
         slot, logits = rows.add(dec.prompt_ids)
+        dec.cached_tokens = rows.cached_tokens(slot)
         while logits is None:  # a prompt prefilled over steps (llama.cpp)
             if cancel is not None and cancel.is_set():
                 yield from dec.finish("cancelled")

@@ -8,7 +8,9 @@ cancellation are the shared `decoding.Decoding`: a request gives the same prompt
 the same way on either backend.
 
 Several sequences decode together in one llama.cpp context (one sequence id and its own KV cells
-per row), which is how the engine batches concurrent callers.
+per row), which is how the engine batches concurrent callers. A finished row's sequence keeps its KV
+as a prompt cache entry: the next prompt that starts with the same tokens (a chat's next turn) only
+feeds the rest (`llamacpp_cache.SequencePool`).
 
 What llama.cpp computes with (`Settings.gguf_weights`): a quantized GGUF's own weights run with
 quantized activations too (llama.cpp rounds each activation row to 8 bits for its integer dot
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from chatglm_core.backends.decoding import LocalBackend
+from chatglm_core.backends.llamacpp_cache import SequencePool
 from chatglm_core.errors import ConfigError, GenerationError, RequestError
 from chatglm_core.models.loader import cpu_count, cpu_threads, default_threads
 
@@ -78,7 +81,7 @@ class LlamaCppBackend(LocalBackend):
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
                  n_threads: int | None = None, n_threads_batch: int | None = None, sequences: int = DEFAULT_SEQUENCES,
-                 flash_attn: bool = False, extra_buffers: bool | None = None) -> None:
+                 flash_attn: bool = False, extra_buffers: bool | None = None, prefix_cache: bool = True) -> None:
         import llama_cpp
 
         _quiet_native_logs()
@@ -110,10 +113,10 @@ class LlamaCppBackend(LocalBackend):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._use = threading.Lock()  # held while llama.cpp runs, so close() never frees under it
+        self._use = threading.RLock()  # held while llama.cpp runs, so close() never frees under it
         _open_backends.add(self)
         self.sequences = sequences
-        self._free_seqs = list(range(sequences))
+        self.seqs = SequencePool(sequences, self, self._use, cache=prefix_cache)
         self.n_threads = threads
 
     @classmethod
@@ -135,12 +138,17 @@ class LlamaCppBackend(LocalBackend):
         name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
         threads = cpu_threads(settings)
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
-                      n_threads_batch=threads, extra_buffers=use_extra_buffers(settings.llama_repack))
+                      n_threads_batch=threads, extra_buffers=use_extra_buffers(settings.llama_repack),
+                      prefix_cache=settings.prefix_cache)
         backend.source_gguf = gguf
         backend.prefill_chunk = settings.prefill_chunk
         if backend.gguf != gguf:
             backend.runtime = f"llama.cpp, {backend.gguf.stem.rsplit('-', 1)[-1]} copy of the GGUF"
         return backend
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every cached prefix (the next prompts are prefilled whole)."""
+        self.seqs.clear()
 
     def open_rows(self, capacity: int) -> LlamaRows:
         return LlamaRows(self, capacity, self.rows_prefill_chunk())
@@ -161,26 +169,25 @@ class LlamaCppBackend(LocalBackend):
         except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down ctypes already
             pass
 
-    # --- the context, used by LlamaRows ------------------------------------------------------
-    def take_seq(self) -> int:
-        if not self._free_seqs:
-            raise RuntimeError("all llama.cpp sequences are in use")
-        return self._free_seqs.pop(0)
+    # --- the context, used by LlamaRows and SequencePool -----------------------------------
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        with self._use:
+            return self._memory is None or bool(self._ll.llama_memory_seq_rm(self._memory, seq, p0, p1))
 
-    def release_seq(self, seq: int) -> None:
+    def seq_cp(self, src: int, dst: int) -> None:
         with self._use:
             if self._memory is not None:
-                self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
-        self._free_seqs.append(seq)
+                self._ll.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
     def teacher_forced_logits(self, ids: list[int], start: int) -> list[Any]:
         """Next-token logits after each of ids[start:], with ids fed as given (scoring a known text
-        against another model's choices, as the tests and benchmarks/bench_gguf_weights.py do)."""
-        seq = self.take_seq()
+        against another model's choices, as the tests and benchmarks/bench_gguf_weights.py do).
+        Always from position 0: no cached prefix is used or kept."""
+        seq, _ = self.seqs.acquire(ids, reuse=False)
         try:
             return self.run([(t, p, seq, p >= start) for p, t in enumerate(ids)])
         finally:
-            self.release_seq(seq)
+            self.seqs.release(seq, keep=False)
 
     def run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
         """Decode (token, position, sequence, wants logits) items; logits (1-D tensors) of those asking."""
@@ -208,6 +215,7 @@ class LlamaCppBackend(LocalBackend):
                                       "shorten the conversation or lower max_new_tokens")
             if rc != 0:
                 raise GenerationError(f"llama.cpp failed to decode (code {rc})")
+            self.seqs.fed(chunk)
             for i, (_, _, _, logits) in enumerate(chunk):
                 if logits:
                     ptr = ll.llama_get_logits_ith(self._ctx, i)
@@ -221,7 +229,8 @@ class LlamaRows:
     average). A longer one is fed by the following steps, up to `prefill_chunk` tokens a step in the
     same llama_decode as the running rows' tokens: it slows the other streams for a few steps instead
     of freezing them for its whole prefill (a 1,582-token prompt stopped them for 3.7 s on 2 cores).
-    With no row running, a step feeds a whole `n_batch`.
+    With no row running, a step feeds a whole `n_batch`. A prompt whose start is cached
+    (`SequencePool.acquire`) begins at the first token not cached, and only the rest counts here.
     """
 
     def __init__(self, backend: LlamaCppBackend, capacity: int, prefill_chunk: int) -> None:
@@ -231,6 +240,7 @@ class LlamaRows:
         self.seqs: dict[int, int] = {}  # slot -> llama.cpp sequence id
         self.pos: dict[int, int] = {}  # slot -> next position
         self.prompts: dict[int, list[int]] = {}  # slot -> its prompt, while not all of it is fed (FIFO)
+        self.reused: dict[int, int] = {}  # slot -> prompt tokens its sequence had cached
         self._next_slot = 0
 
     def add(self, ids: list[int]) -> tuple[int, Any]:
@@ -238,20 +248,24 @@ class LlamaRows:
             raise RuntimeError("LlamaRows is full")
         if not ids:
             raise RequestError("the prompt is empty", param="messages")
-        seq = self.backend.take_seq()
+        seq, reused = self.backend.seqs.acquire(ids)
         logits = None
-        if len(ids) <= self.prefill_chunk:
+        if len(ids) - reused <= self.prefill_chunk:
             try:
-                (logits,) = self.backend.run(_prompt_items(ids, seq, 0, len(ids)))
+                (logits,) = self.backend.run(_prompt_items(ids, seq, reused, len(ids)))
             except BaseException:
-                self.backend.release_seq(seq)
+                self.backend.seqs.release(seq)
                 raise
         slot = self._next_slot
         self._next_slot += 1
-        self.seqs[slot], self.pos[slot] = seq, len(ids) if logits is not None else 0
+        self.seqs[slot], self.pos[slot] = seq, len(ids) if logits is not None else reused
+        self.reused[slot] = reused
         if logits is None:
             self.prompts[slot] = list(ids)
         return slot, logits
+
+    def cached_tokens(self, slot: int) -> int:
+        return self.reused.get(slot, 0)
 
     def step(self, tokens: dict[int, int]) -> dict[int, Any]:
         decoding = list(tokens)
@@ -280,8 +294,9 @@ class LlamaRows:
         seq = self.seqs.pop(slot, None)
         self.pos.pop(slot, None)
         self.prompts.pop(slot, None)
+        self.reused.pop(slot, None)
         if seq is not None:
-            self.backend.release_seq(seq)
+            self.backend.seqs.release(seq)
 
 
 def _prompt_items(ids: list[int], seq: int, start: int, stop: int) -> list[tuple[int, int, int, bool]]:

@@ -102,7 +102,9 @@ class RemoteBackend:
                     finish = "cancelled"
                     break
                 if chunk.usage:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    details = getattr(chunk.usage, "prompt_tokens_details", None)  # the engine's own cache
+                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens,
+                                  getattr(details, "cached_tokens", None) or 0)
                 for choice in chunk.choices[:1]:
                     delta = choice.delta
                     if delta.content:
