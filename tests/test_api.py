@@ -60,7 +60,8 @@ def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
     TEST_DATA.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "chatglm_core.api", "--port", str(port), "--data-dir", str(TEST_DATA),
            "--device", "cpu", "--log-level", "warning", *flags]  # the default backend: llama.cpp when installed
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATGLM_") and k not in ("MODEL_PATH",)}
+    env = {k: v for k, v in os.environ.items()
+           if (not k.startswith("CHATGLM_") or k == "CHATGLM_THREADS") and k != "MODEL_PATH"}  # the Makefile's
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_perf_part_runs_every_row(test_data_dir):
     part = "llamacpp" if llamacpp.available() else "transformers"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL_PATH"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHATGLM_", "MODEL_PATH")) or k == "CHATGLM_THREADS"}  # the Makefile's
     proc = subprocess.run([sys.executable, "benchmarks/bench_perf.py", "--part", part, "--quick", "--tokens", "8",
                            "--data-dir", str(test_data_dir)], capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env=env)
@@ -49,7 +50,8 @@ def test_bench_vs_llama_server_prints_every_row_with_both_figures(test_data_dir)
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_vs_llama_server import ROWS
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGLM_", "MODEL_PATH"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHATGLM_", "MODEL_PATH")) or k == "CHATGLM_THREADS"}  # the Makefile's
     # one thread a side: on a busy machine every step of a multi-threaded one waits for a core (minutes here)
     proc = subprocess.run([sys.executable, "benchmarks/bench_vs_llama_server.py", "--runs", "1", "--tokens", "6",
                            "--turn-tokens", "3", "--threads", "1", "--data-dir", str(test_data_dir),

@@ -92,11 +92,12 @@ def test_gguf_cache_is_keyed_by_hash_and_reused(small_settings, monkeypatch):
 def test_cpu_threads_default_to_the_physical_cores(small_settings, small_backend, monkeypatch):
     import torch
 
+    unset = small_settings.model_copy(update={"threads": None})  # `make test` sets CHATGLM_THREADS
     monkeypatch.setattr(loader, "physical_cores", lambda: 8)  # counted in test_cpus.py
-    assert loader.cpu_threads(small_settings) == 8
-    assert loader.cpu_threads(small_settings.model_copy(update={"threads": 3})) == 3
+    assert loader.cpu_threads(unset) == 8
+    assert loader.cpu_threads(unset.model_copy(update={"threads": 3})) == 3
     monkeypatch.setattr(loader, "physical_cores", lambda: 1)
-    assert loader.cpu_threads(small_settings) == 1
+    assert loader.cpu_threads(unset) == 1
     monkeypatch.undo()
     assert torch.get_num_threads() == loader.cpu_threads(small_settings)  # what loading the model set
     with pytest.raises(ConfigError, match="threads"):
