@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,18 +27,9 @@ from chatglm_core.engine import Engine  # noqa: E402
 from chatglm_core.messages import Message, Role  # noqa: E402
 from chatglm_core.settings import load_settings  # noqa: E402
 
+from bench_perf import off_main  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 STORY = [Message(Role.USER, "Write a long story about a lighthouse keeper and a storm.")]
-
-
-def off_main(fn):
-    """Run on a worker thread, as the engine always does (see bench_perf.off_main)."""
-    def wrapper(*args, **kw):
-        box: list = []
-        t = threading.Thread(target=lambda: box.append(fn(*args, **kw)))
-        t.start()
-        t.join()
-        return box[0]
-    return wrapper
 
 
 class RawLoop:

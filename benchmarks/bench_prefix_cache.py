@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from chatglm_core.backends.base import GenerationOptions  # noqa: E402
 from chatglm_core.engine import Engine  # noqa: E402
 from chatglm_core.messages import Done, Message, Role  # noqa: E402
 from chatglm_core.settings import load_settings  # noqa: E402
+
+from bench_perf import off_main  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 OPTIONS = GenerationOptions(temperature=0, max_new_tokens=8)
 TOPICS = ["the history of lighthouses", "how tides work", "the life of a ship's navigator", "storms at sea",
@@ -51,17 +52,6 @@ def conversation(backend, tokens: int) -> list[Message]:
             return ask
         convo = [*ask, Message(Role.ASSISTANT, reply_about(topic, i))]
     raise AssertionError("unreachable")
-
-
-def off_main(fn):
-    """Run on a worker thread, as the engine always does (see bench_perf.off_main)."""
-    def wrapper(*args, **kw):
-        box: list = []
-        t = threading.Thread(target=lambda: box.append(fn(*args, **kw)))
-        t.start()
-        t.join()
-        return box[0]
-    return wrapper
 
 
 @off_main
