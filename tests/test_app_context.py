@@ -101,7 +101,9 @@ def test_interrupting_a_running_cell_ends_it_with_an_observation(app_env, fake_e
         sent = 0
 
     clicker = Clicker()
-    threading.Thread(target=lambda: (wait_for_file(app_env, "spinning.flag"), setattr(clicker, "sent", 1)),
+    # the kernel pool is process-wide: in a full run its kernel works under an earlier test's data dir,
+    # so look under every test's temporary folder (pytest's base temp), not just this test's
+    threading.Thread(target=lambda: (wait_for_file(app_env.parent, "spinning.flag"), setattr(clicker, "sent", 1)),
                      daemon=True).start()
     click = click_during_stream(clicker, after_tokens=1)  # a click (Stop, Interrupt) asks for a rerun
     send(at, "Spin forever.")
