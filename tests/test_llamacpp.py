@@ -132,6 +132,49 @@ def test_same_prompt_ids_as_transformers_and_tokens_as_llama_cpp_itself(llama_ba
     assert dec.generated == theirs
 
 
+SPLIT_SAMPLES = [
+    "I'd pick the following:\n\n1. The harbour at dawn.\n2. The old mill.\n\n3) Dinner at 7:30pm, 2024-05-01.",
+    "a  b   c\n\n\nd\t\te 12345678 x1y22z333 3.14159 1,000,000 $42.50 50% \n 9",
+    "def f(x):\n    return x**2  # 10 spaces    then 99\n\n\n\nprint(f(12))",
+    "Hello world!\n\nBye 'twas don't we'll I'm you're THEY'VE",
+    "中文 123 测试，日本語のテキスト 456 ½ ② ٣ 🙂 ünïcödé café",
+]
+
+
+@needs_llamacpp
+def test_gguf_tokenizers_split_text_as_llama_cpp_does(llama_backend, small_backend):
+    """Both backends' tokenizers (read from the GGUF by transformers) give llama.cpp's own tokens: the
+    embedded model's "smollm" split cuts digits off first (models.gguf_split); transformers' GGUF
+    reader used GPT-2's, and "following:\\n\\n1." came out as two newline tokens instead of one."""
+    from llama_cpp import Llama
+
+    ref = Llama(model_path=str(llama_backend.gguf), vocab_only=True, verbose=False)
+    for text in SPLIT_SAMPLES:
+        theirs = ref.tokenize(text.encode(), add_bos=False, special=False)
+        assert llama_backend.tokenizer.encode(text, add_special_tokens=False) == theirs, text
+        assert small_backend.tokenizer.encode(text, add_special_tokens=False) == theirs, text
+    assert ref.tokenize(b"following:\n\n1.", add_bos=False, special=False).count(198) == 0
+
+
+def test_a_split_fix_is_applied_once_and_only_to_types_that_need_it(tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from chatglm_core.models import gguf_split
+    from chatglm_core.models.loader import embedded_gguf
+
+    tok = AutoTokenizer.from_pretrained(embedded_gguf().parent, gguf_file=embedded_gguf().name)
+    tok.save_pretrained(tmp_path)
+    assert tok.encode("x:\n\n1", add_special_tokens=False).count(198) == 2  # transformers' own reading
+    assert not gguf_split.fix_split(tok, "llama-bpe") and not gguf_split.fix_split(tok, None)
+    reads = []
+    monkeypatch.setattr(gguf_split, "pre_type", lambda gguf: reads.append(gguf) or "smollm")
+    gguf_split.ensure_split(tmp_path, embedded_gguf())
+    gguf_split.ensure_split(tmp_path, embedded_gguf())
+    assert len(reads) == 1  # the marker spares the ~2 s read next time
+    fixed = AutoTokenizer.from_pretrained(tmp_path)
+    assert fixed.encode("x:\n\n1", add_special_tokens=False).count(198) == 0
+
+
 AMD_CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
 flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16

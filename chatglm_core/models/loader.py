@@ -21,6 +21,7 @@ from typing import Any
 
 from chatglm_core.errors import ConfigError
 from chatglm_core.models.cpus import available_cpus, physical_cores
+from chatglm_core.models.gguf_split import ensure_split
 from chatglm_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    ensure_split(tmp, gguf, tok)
     (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -209,6 +211,7 @@ def resolve_model_dir(settings: Settings) -> tuple[Path, str]:
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(gguf, target)
+    ensure_split(target, gguf)  # a folder converted before the split fix (gguf_split)
     return target, name
 
 
