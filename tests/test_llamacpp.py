@@ -123,7 +123,8 @@ def test_same_prompt_ids_as_transformers_and_tokens_as_llama_cpp_itself(llama_ba
     assert ids == small_backend.prompt_ids(q)
     dec = llama_backend.begin(q, GenerationOptions(temperature=0, max_new_tokens=30))
     list(llamacpp_run(llama_backend, dec))
-    ref = Llama(model_path=str(llama_backend.gguf), n_ctx=512, n_threads=llama_backend.n_threads, verbose=False)
+    ref = Llama(model_path=str(llama_backend.gguf), n_ctx=512, n_threads=llama_backend.n_threads, verbose=False,
+                flash_attn=True)  # as our context computes (llama.cpp's "auto" on this CPU)
     theirs = []
     for tok in ref.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
         if tok in llama_backend.format.stop_token_ids or len(theirs) == 30:

@@ -1,55 +1,93 @@
 """Running one engine generation without blocking the event loop.
 
-`Engine.stream` is a blocking iterator. `EngineRun` iterates it on a worker thread and hands each
-event to the event loop through an asyncio queue, so the server keeps answering other requests
-while a generation runs (or waits its turn for the model). Closing the run sets the engine's
-cancel event: the generation ends within a token, or never starts if it was still queued.
+`EngineRun` starts a generation with `Engine.start`: its prompt is prepared in the loop's default
+executor (tokenizing a long conversation must not hold up other requests), and the engine's batch
+thread hands each step's events to a `LoopSink`, which wakes the event loop once per step for
+every stream on it. (A thread per request iterating `Engine.stream` woke 8 threads per step under 8
+streams, each preempting a model thread mid-step: see `chatglm_core.engine`.) Closing the run sets
+the engine's cancel event: the generation ends within a token, or never starts if it was still
+queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from typing import Any
 
 from starlette.requests import Request
 
 from chatglm_core.backends.base import GenerationOptions
-from chatglm_core.engine import Engine
+from chatglm_core.engine import END, Engine
 from chatglm_core.messages import Done, Message, TextDelta
-
-_END = object()
 
 
 class ClientGone(Exception):
     """The HTTP client disconnected while we waited for the model."""
 
 
+class LoopSink:
+    """Events from the engine's threads into asyncio queues on one loop, one loop wake per batch of
+    calls (the calls of one batch step arrive together)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], list[Any]]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Any], events: list[Any]) -> bool:
+        """Queue `events` for `queue`; False when the loop is gone (nobody is listening)."""
+        with self._lock:
+            self._items.append((queue, events))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed (server shutting down)
+            return False
+        return True
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, events in items:
+            for ev in events:
+                queue.put_nowait(ev)
+
+
+_sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
+
+
+def loop_sink(loop: asyncio.AbstractEventLoop) -> LoopSink:
+    sink = _sinks.get(loop)
+    if sink is None:
+        sink = _sinks[loop] = LoopSink(loop)
+    return sink
+
+
 class EngineRun:
     def __init__(self, engine: Engine, messages: list[Message], options: GenerationOptions,
                  tools: list[dict[str, Any]] | None) -> None:
         self.cancel = threading.Event()
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._sink = loop_sink(loop)
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._pending: asyncio.Future[Any] | None = None
         self._ended = False
-        args = (engine, messages, options, tools)
-        threading.Thread(target=self._work, args=args, name="api-generate", daemon=True).start()
+        self._starting = loop.run_in_executor(None, self._start, engine, messages, options, tools)
 
-    def _work(self, engine: Engine, messages: list[Message], options: GenerationOptions,
-              tools: list[dict[str, Any]] | None) -> None:
+    def _start(self, engine: Engine, messages: list[Message], options: GenerationOptions,
+               tools: list[dict[str, Any]] | None) -> None:
         try:
-            for ev in engine.stream(messages, options, tools=tools, cancel=self.cancel):
-                self._put(ev)
+            engine.start(messages, options, tools=tools, cancel=self.cancel, sink=self._put)
         except BaseException as e:  # noqa: BLE001  (re-raised on the event loop by next())
-            self._put(e)
-        finally:
-            self._put(_END)
+            self._put([e, END])
 
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+    def _put(self, events: list[Any]) -> None:
+        if not self._sink.put(self._queue, events):
             self.cancel.set()
 
     async def next(self, request: Request | None = None, poll: float = 0.25) -> TextDelta | Done | None:
@@ -78,7 +116,7 @@ class EngineRun:
         return self._unwrap(item)
 
     def _unwrap(self, item: Any) -> TextDelta | Done | None:
-        if item is _END:
+        if item is END:
             self._ended = True
             return None
         if isinstance(item, BaseException):
