@@ -290,6 +290,40 @@ def test_eight_batched_callers_get_their_single_stream_logits(llama_backend, mon
 
 
 @needs_llamacpp
+def test_a_step_reaches_llama_cpp_in_sequence_order_and_logits_come_back_in_the_callers(llama_backend, monkeypatch):
+    """Rows in any order (the engine's follows arrivals) are decoded in increasing sequence order (out
+    of order, llama.cpp splits the step into several micro-batches: up to 3x slower), and each
+    caller still gets its own row's logits."""
+    prompts = [llama_backend.prompt_ids([Message(Role.USER, q)]) for q in ("Hi", "Name a colour.", "Count to 3.")]
+    seqs = [llama_backend.seqs.acquire(ids, reuse=False)[0] for ids in prompts]
+    try:
+        for ids, seq in zip(prompts, seqs, strict=True):
+            llama_backend.run([(t, p, seq, False) for p, t in enumerate(ids[:-1])])
+        step = [(ids[-1], len(ids) - 1, seq, True) for ids, seq in zip(prompts, seqs, strict=True)][::-1]
+        alone = []
+        for item in step:  # each row decoded by itself, then the token taken back out
+            alone.append(llama_backend.run([item])[0])
+            llama_backend.seq_rm(item[2], item[1], -1)
+        import llama_cpp
+
+        decoded, real = [], llama_cpp.llama_decode
+
+        def spy(ctx, batch):
+            decoded.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+            return real(ctx, batch)
+
+        monkeypatch.setattr(llama_cpp, "llama_decode", spy)
+        together = llama_backend.run(step)
+        monkeypatch.undo()
+        assert decoded == [sorted(seqs)]
+        for a, b in zip(alone, together, strict=True):
+            assert int(a.argmax()) == int(b.argmax()) and float((a - b).abs().max()) < 1.0
+    finally:
+        for seq in seqs:
+            llama_backend.seqs.release(seq, keep=False)
+
+
+@needs_llamacpp
 def test_a_long_prompt_joins_in_chunks_while_others_stream(llama_backend, monkeypatch):
     """A prompt longer than prefill_chunk is fed a chunk per step beside the running row's token, so
     that row keeps getting tokens during the prefill instead of waiting for all of it."""
