@@ -86,7 +86,7 @@ class LocalBackend:
         check_prompt_chars(messages, tools, self.context_window, self.max_token_chars())
         ids = self.prompt_ids(messages, tools, interpreter)
         return Decoding(ids, options, max_new=token_budget(len(ids), options, self.context_window),
-                        stop_token_ids=self.format.stop_token_ids, decode=self.decode, parse=self.format.parse,
+                        stop_token_ids=self.format.stop_token_ids, decode=self.reply_decoder(), parse=self.format.parse,
                         processors=build_processors(options, self.tokenizer, self.format.name),
                         tools=bool(tools), interpreter=interpreter)
 
@@ -105,6 +105,13 @@ class LocalBackend:
                 longest = FALLBACK_TOKEN_CHARS
             self._max_token_chars = longest
         return longest
+
+    def reply_decoder(self) -> Any:
+        """A `decode` for one growing reply: incremental (a few tokens decoded per token) unless the
+        format decodes replies itself (ChatGLM3 cuts its text at stop markers that span tokens)."""
+        if getattr(self.format, "decode_reply", None) is not None:
+            return self.decode
+        return IncrementalDecode(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
@@ -139,8 +146,8 @@ class Decoding:
     def sample(self, logits: Any) -> int:
         """The next token from this sequence's logits (1-D), after penalties, constraints and warpers."""
         scores = logits.float().reshape(1, -1)
-        if self.processors:
-            scores = self.processors(self.all_ids, scores)
+        for processor in self.processors:  # not LogitsProcessorList(): it inspects every signature per call
+            scores = processor(self.all_ids, scores)
         if self.options.greedy:
             return int(scores.argmax(-1))
         return sample_token(scores.cpu(), self.options.top_p, self.generator)
@@ -315,6 +322,44 @@ def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
     finally:
         if slot is not None:
             rows.remove(slot)
+
+
+class IncrementalDecode:
+    """`decode(ids)` of a reply that grows a token at a time, decoding only its last few tokens.
+
+    Decoding the whole reply every token cost ~0.2 ms at 128 tokens and ~1.6 ms at 512 here (a tenth
+    of a CPU decode step). This keeps the text of the ids read so far and decodes the new ids together
+    with the ones before them (`_prefix`), as text-generation-inference and vLLM do: a tokenizer that
+    drops or adds a space at the start of what it decodes (SentencePiece) does so to both, and the
+    difference is the new text. An incomplete UTF-8 character (U+FFFD at the end) stays pending until
+    the token that completes it. Called with a list that only ever grows (`Decoding.generated`);
+    anything else starts over with a whole decode.
+    """
+
+    def __init__(self, decode: Any) -> None:
+        self._decode = decode
+        self._text = ""  # decode(ids[:_read])
+        self._prefix = 0  # ids[_prefix:_read] are decoded again with each new token
+        self._read = 0
+        self._seen = 0
+
+    def __call__(self, ids: list[int]) -> str:
+        if len(ids) < self._seen:
+            self.__init__(self._decode)  # type: ignore[misc]
+        self._seen = len(ids)
+        head = self._decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        both = self._decode(ids[self._prefix:])
+        if not both.startswith(head):  # the new tokens changed how the ones before them decode
+            text = self._decode(ids)
+            if not text.endswith("\ufffd"):
+                self._text, self._prefix, self._read = text, max(0, len(ids) - 1), len(ids)
+            return text
+        new = both[len(head):]
+        if new.endswith("\ufffd"):
+            return self._text + new
+        self._text += new
+        self._prefix, self._read = self._read, len(ids)
+        return self._text
 
 
 class OpenAIPenalties:

@@ -1,0 +1,72 @@
+"""IncrementalDecode: a reply's text decoded a few tokens at a time equals the whole decode at
+every token, on a byte-level BPE tokenizer (SmolLM2's) and a SentencePiece one (ChatGLM3's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chatglm_core.backends.decoding import IncrementalDecode
+
+TEXTS = [
+    "Hello, world! This is a test of streaming text.",
+    "  leading spaces, trailing spaces   \n\n1. one\n2. two\n\n\tTabbed\r\nCRLF",
+    "Emoji split across tokens: 🙂🙃🤖👩‍👩‍👧 and accents: naïve café Ünïcödé",
+    "中文测试：你好，世界！日本語のテキスト。한국어 텍스트.",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code\n",
+    "▁ looks like a marker; <tool_call> is text here; don't stop",
+]
+
+
+def _assert_matches_whole(tokenizer, decode) -> None:
+    for text in TEXTS:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        inc = IncrementalDecode(decode)
+        for n in range(1, len(ids) + 1):
+            assert inc(ids[:n]) == decode(ids[:n]), (text, n)
+
+
+def test_byte_level_bpe(small_backend):
+    tok = small_backend.tokenizer
+    _assert_matches_whole(tok, lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
+def test_sentencepiece():
+    from chatglm_core.models.chatglm3_tokenizer import ChatGLM3Tokenizer
+
+    tok = ChatGLM3Tokenizer(Path(__file__).parent / "fixtures" / "chatglm3-tiny" / "tokenizer.model")
+    _assert_matches_whole(tok, lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
+def test_it_decodes_only_the_last_tokens_and_starts_over_on_a_shorter_list(small_backend):
+    tok = small_backend.tokenizer
+    lengths = []
+
+    def decode(ids):
+        lengths.append(len(ids))
+        return tok.decode(ids, skip_special_tokens=True)
+
+    ids = tok.encode(" ".join(["word"] * 200), add_special_tokens=False)
+    inc = IncrementalDecode(decode)
+    for n in range(1, len(ids) + 1):
+        inc(ids[:n])
+    assert max(lengths) <= 4, "each token decodes a few tokens, not the whole reply"
+    assert inc(ids[:3]) == tok.decode(ids[:3])  # a list that shrank: a whole decode, then on from there
+    assert inc(ids[:4]) == tok.decode(ids[:4])
+
+
+@pytest.mark.parametrize("reply", ["A reply with a stop word STOP in it", "Numbers 1, 22, 333 and 🙂"])
+def test_the_engine_streams_what_it_decodes_whole(small_engine, reply):
+    """Streamed deltas add up to the Done's text with the incremental decoder in the loop."""
+    from chatglm_core.backends.base import GenerationOptions
+    from chatglm_core.messages import Done, Message, Role, TextDelta
+
+    text, done = "", None
+    for ev in small_engine.stream([Message(Role.USER, f"Repeat exactly: {reply}")],
+                                  GenerationOptions(temperature=0, max_new_tokens=24)):
+        if isinstance(ev, TextDelta):
+            text += ev.text
+        elif isinstance(ev, Done):
+            done = ev
+    assert done is not None and text and text.strip() == done.message.content.strip()
