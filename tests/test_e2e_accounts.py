@@ -157,11 +157,19 @@ def log_in_and_wait(driver, name: str) -> None:
 
 
 def failed_login(driver, name: str, password: str) -> str:
-    """Log in expecting a refusal; the error it shows."""
+    """Log in expecting a refusal; the error it shows: once the click's run has finished, or as soon as
+    the error differs from the one before the click (a full suite once left the run counter at 0 while
+    the page showed the new error)."""
+    wait_for(driver, login_form, "the login form")
+    shown = css(driver, '[data-testid="stAlert"]')
+    before = shown[0].text.strip() if shown else ""
     log_in(driver, name, password)
 
     def error(d):
-        return ran(d) and login_form(d) and alert(d)
+        if not login_form(d):
+            return ""
+        now = alert(d)
+        return now if now and (ran(d) or now != before) else ""
 
     return wait_for(driver, error, "a login error")
 
