@@ -70,3 +70,22 @@ def test_the_engine_streams_what_it_decodes_whole(small_engine, reply):
         elif isinstance(ev, Done):
             done = ev
     assert done is not None and text and text.strip() == done.message.content.strip()
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.3, 0.8])
+def test_the_incremental_repetition_penalty_equals_transformers(penalty):
+    """RepetitionPenalty (distinct ids kept, logits changed in place) gives transformers'
+    RepetitionPenaltyLogitsProcessor's scores at every step of a growing sequence."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from chatglm_core.backends.decoding import RepetitionPenalty
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (1, 40), generator=gen)  # repeats, like a real prompt
+    ours, theirs = RepetitionPenalty(penalty), RepetitionPenaltyLogitsProcessor(penalty)
+    for _ in range(30):
+        scores = torch.randn(1, 64, generator=gen) * 5
+        expected = theirs(ids, scores.clone())
+        assert torch.equal(ours(ids, scores.clone()), expected)
+        ids = torch.cat([ids, torch.randint(0, 64, (1, 1), generator=gen)], dim=-1)

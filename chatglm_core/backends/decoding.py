@@ -236,7 +236,6 @@ def build_processors(options: GenerationOptions, tokenizer: Any, format_name: st
     """transformers logits processors for the options; an empty list for plain greedy decoding."""
     from transformers import (
         LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
     )
@@ -247,7 +246,7 @@ def build_processors(options: GenerationOptions, tokenizer: Any, format_name: st
 
         procs.append(logits_processor(options.constraint, tokenizer, format_name))
     if options.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(options.repetition_penalty))
+        procs.append(RepetitionPenalty(options.repetition_penalty))
     if options.presence_penalty or options.frequency_penalty:
         procs.append(OpenAIPenalties(options.presence_penalty, options.frequency_penalty))
     if not options.greedy:
@@ -322,6 +321,43 @@ def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
     finally:
         if slot is not None:
             rows.remove(slot)
+
+
+class RepetitionPenalty:
+    """transformers' RepetitionPenaltyLogitsProcessor (every token id already in the prompt or the
+    reply: its logit divided by the penalty, or multiplied when negative), kept incrementally.
+
+    transformers' gathers and scatters over the whole history each token (duplicates included: 1.5k
+    ids for a long chat) and copies the vocabulary's logits; this keeps the distinct ids seen so far,
+    adds each new token to them, and changes those logits in place: a single stream through the API
+    ran 4 % slower with the default penalty (1.05) than without it before, the same after. Called with
+    the sequence's growing ids (`Decoding.all_ids`), as the transformers processor is.
+    """
+
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+        self._seen: set[int] = set()
+        self._ids: Any = None  # the distinct ids seen, as a tensor
+        self._read = 0  # how many of input_ids have been looked at
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        row = input_ids[0]
+        if row.numel() > self._read:
+            fresh = [t for t in dict.fromkeys(row[self._read:].tolist()) if t not in self._seen]
+            self._read = row.numel()
+            if fresh:
+                self._seen.update(fresh)
+                more = torch.tensor(fresh, dtype=torch.long)
+                self._ids = more if self._ids is None else torch.cat([self._ids, more])
+        if self._ids is None:
+            return scores
+        if scores.is_inference():  # transformers' logits, made under inference_mode: not writable here
+            scores = scores.clone()
+        picked = scores[0, self._ids]
+        scores[0, self._ids] = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores
 
 
 class IncrementalDecode:
