@@ -3,10 +3,9 @@
 `EngineRun` starts a generation with `Engine.start`: its prompt is prepared in the loop's default
 executor (tokenizing a long conversation must not hold up other requests), and the engine's batch
 thread hands each step's events to a `LoopSink`, which wakes the event loop once per step for
-every stream on it. (A thread per request iterating `Engine.stream` woke 8 threads per step under 8
-streams, each preempting a model thread mid-step: see `chatglm_core.engine`.) Closing the run sets
-the engine's cancel event: the generation ends within a token, or never starts if it was still
-queued.
+every stream on it (before, a thread per request iterated `Engine.stream`, and each of them woke
+per token beside the model's threads). Closing the run sets the engine's cancel event: the
+generation ends within a token, or never starts if it was still queued.
 """
 
 from __future__ import annotations
