@@ -157,23 +157,28 @@ def test_gguf_tokenizers_split_text_as_llama_cpp_does(llama_backend, small_backe
     assert ref.tokenize(b"following:\n\n1.", add_bos=False, special=False).count(198) == 0
 
 
-def test_a_split_fix_is_applied_once_and_only_to_types_that_need_it(tmp_path, monkeypatch):
+def test_the_split_type_is_read_once_per_folder_and_a_read_only_one_still_loads(tmp_path, monkeypatch, caplog):
     from transformers import AutoTokenizer
 
     from chatglm_core.models import gguf_split
     from chatglm_core.models.loader import embedded_gguf
 
     tok = AutoTokenizer.from_pretrained(embedded_gguf().parent, gguf_file=embedded_gguf().name)
-    tok.save_pretrained(tmp_path)
     assert tok.encode("x:\n\n1", add_special_tokens=False).count(198) == 2  # transformers' own reading
     assert not gguf_split.fix_split(tok, "llama-bpe") and not gguf_split.fix_split(tok, None)
+    tok.save_pretrained(tmp_path / "tok")
     reads = []
     monkeypatch.setattr(gguf_split, "pre_type", lambda gguf: reads.append(gguf) or "smollm")
-    gguf_split.ensure_split(tmp_path, embedded_gguf())
-    gguf_split.ensure_split(tmp_path, embedded_gguf())
+    for _ in range(2):
+        fixed = gguf_split.load(tmp_path / "tok", embedded_gguf())
+        assert fixed.encode("x:\n\n1", add_special_tokens=False).count(198) == 0
     assert len(reads) == 1  # the marker spares the ~2 s read next time
-    fixed = AutoTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "tok" / gguf_split.MARKER).unlink()
+    (tmp_path / "tok" / gguf_split.MARKER).mkdir()  # unwritable, as in a read-only cache
+    with caplog.at_level("WARNING"):
+        fixed = gguf_split.load(tmp_path / "tok", embedded_gguf())
     assert fixed.encode("x:\n\n1", add_special_tokens=False).count(198) == 0
+    assert len(reads) == 2 and "at each start" in caplog.text
 
 
 AMD_CPUINFO = """processor\t: 0

@@ -433,13 +433,12 @@ def gguf_tokenizer(gguf: Path, settings: Any) -> Any:
     splitting text as llama.cpp does (`models.gguf_split`)."""
     from transformers import AutoTokenizer
 
-    from chatglm_core.models.gguf_split import ensure_split
+    from chatglm_core.models import gguf_split
     from chatglm_core.models.loader import gguf_cache_dir
 
     converted = gguf_cache_dir(gguf, settings)
     if (converted / "tokenizer_config.json").is_file():
-        ensure_split(converted, gguf)
-        return AutoTokenizer.from_pretrained(converted)
+        return gguf_split.load(converted, gguf)
     folder = converted.with_name(converted.name + "-tokenizer")
     if not (folder / "tokenizer_config.json").is_file():
         try:
@@ -448,12 +447,10 @@ def gguf_tokenizer(gguf: Path, settings: Any) -> Any:
             raise ConfigError(f"could not read the tokenizer of {gguf}: {e}") from e
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tok.save_pretrained(tmp)
-        ensure_split(tmp, gguf, tok)
         folder.parent.mkdir(parents=True, exist_ok=True)
         if not folder.exists():
             tmp.rename(folder)
-    ensure_split(folder, gguf)  # a folder saved before the split fix
-    return AutoTokenizer.from_pretrained(folder)
+    return gguf_split.load(folder, gguf)
 
 
 def _format(gguf: Path, tokenizer: Any) -> Any:

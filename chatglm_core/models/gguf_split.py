@@ -11,9 +11,11 @@ tokens the model was trained on wherever whitespace met a digit (numbered lists,
 replies are full of), and a reply the model wrote as 1116 came back as 198, 198 in the next turn's
 prompt, so the prefix cache stopped matching there.
 
-Only the rule transformers lacks is written here; the table is llama.cpp's (llama-vocab.cpp). A
-converted tokenizer is fixed once and marked (`MARKER`): reading the type from the GGUF file
-takes ~2 s (the `gguf` reader parses the whole vocabulary), so it is never read again.
+Only the rule transformers lacks is written here; the table is llama.cpp's (llama-vocab.cpp). The
+split is set on the tokenizer each time it is loaded (`load`), so folders cached by older versions
+are right too. Reading the type from the GGUF file takes ~2 s (the `gguf` reader parses the whole
+vocabulary), so it is read once per cached folder and kept in it (`MARKER`); where the folder is
+read-only it is read again at each start, with a warning.
 """
 
 from __future__ import annotations
@@ -55,18 +57,30 @@ def fix_split(tokenizer: Any, pre: str | None) -> bool:
     return True
 
 
-def ensure_split(folder: Path, gguf: Path, tokenizer: Any | None = None) -> None:
-    """Fix the tokenizer saved in `folder` (converted from `gguf`) once: `tokenizer` when given is the
-    one to fix and save (else it is loaded from the folder)."""
+def split_type(folder: Path, gguf: Path) -> str | None:
+    """`gguf`'s pre-tokenizer type, remembered in `folder` (the tokenizer converted from it)."""
     marker = folder / MARKER
-    if marker.is_file():
-        return
-    pre = pre_type(gguf)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    try:
+        return json.loads(marker.read_text())["tokenizer.ggml.pre"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        pre = pre_type(gguf)
+    except (OSError, ValueError) as e:  # the source file moved, or is not a GGUF file any more
+        log.warning("could not read the pre-tokenizer type of %s (%s): keeping transformers' split", gguf, e)
+        return None
+    try:
+        marker.write_text(json.dumps({"tokenizer.ggml.pre": pre}))
+    except OSError as e:
+        log.warning("could not write %s (%s): the type is read from the GGUF file at each start", marker, e)
+    return pre
 
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    if fix_split(tokenizer, pre):
-        log.info("%s: tokenizer split set to llama.cpp's %r rule", folder.name, pre)
-        tokenizer.save_pretrained(folder)
-    marker.write_text(json.dumps({"tokenizer.ggml.pre": pre}))
+
+def load(folder: Path, gguf: Path, **kwargs: Any) -> Any:
+    """AutoTokenizer.from_pretrained(folder) with llama.cpp's split for `gguf`'s type."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if fix_split(tokenizer, split_type(folder, gguf)):
+        log.debug("%s: tokenizer split set to llama.cpp's rule", folder.name)
+    return tokenizer

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from chatglm_core.errors import ConfigError
+from chatglm_core.models import gguf_split
 from chatglm_core.models.cpus import available_cpus, physical_cores
-from chatglm_core.models.gguf_split import ensure_split
 from chatglm_core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,6 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    ensure_split(tmp, gguf, tok)
     (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf)}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -211,7 +210,6 @@ def resolve_model_dir(settings: Settings) -> tuple[Path, str]:
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(gguf, target)
-    ensure_split(target, gguf)  # a folder converted before the split fix (gguf_split)
     return target, name
 
 
@@ -268,12 +266,23 @@ def _load_hf(folder: Path, settings: Settings, device: str, dtype: Any) -> tuple
         kwargs["device_map"] = {"": 0}
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
+        source = _gguf_source(folder)
+        if source is not None:  # converted from a GGUF file: split text as llama.cpp does
+            gguf_split.fix_split(tok, gguf_split.split_type(folder, source))
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the model in {folder}: {e}") from e
     if "device_map" not in kwargs:
         model.to(device)
     return model, tok
+
+
+def _gguf_source(folder: Path) -> Path | None:
+    """The GGUF file a converted folder was made from (`convert_gguf`'s source.json), else None."""
+    try:
+        return Path(json.loads((folder / "source.json").read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def bnb_config(quantize: str, dtype: Any) -> Any:
