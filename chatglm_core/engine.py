@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 #: The last item a sink receives for a generation (after its Done, or after the error that ended it).
 END = object()
-_END = END
 
 
 @dataclass
@@ -125,16 +124,8 @@ class Engine:
         req, notice = self._request(messages, options, tools, interpreter, cancel, fit_context)
         if notice is not None:
             sink([notice])
-        if self._batching:
-            try:
-                self._prepare(req)
-            except Exception as e:  # a bad request fails alone, with the caller's error
-                _raise(e)
-            req.sink = sink
-            self._submit(req)
-        else:
-            req.sink = sink
-            threading.Thread(target=self._run_alone, args=(req,), name="engine-generate", daemon=True).start()
+        req.sink = sink
+        self._launch(req)
 
     def _request(self, messages: list[Message], options: GenerationOptions | None,
                  tools: list[dict[str, Any]] | None, interpreter: bool, cancel: threading.Event | None,
@@ -171,6 +162,20 @@ class Engine:
                 notice: ContextTrimmed | None = None) -> Iterator[TextDelta | Done | ContextTrimmed]:
         if notice is not None:
             yield notice
+        self._launch(req)
+        finished = False
+        try:
+            while (ev := req.events.get()) is not END:
+                if isinstance(ev, BaseException):
+                    _raise(ev)
+                yield ev
+            finished = True
+        finally:
+            if not finished:
+                req.cancel.set()  # a caller that stopped early (or hit an error) frees its row (or the model)
+
+    def _launch(self, req: _Request) -> None:
+        """Queue `req` for the batch loop (its prompt prepared here first), or run it alone on a thread."""
         if self._batching:
             try:
                 self._prepare(req)
@@ -179,16 +184,6 @@ class Engine:
             self._submit(req)
         else:
             threading.Thread(target=self._run_alone, args=(req,), name="engine-generate", daemon=True).start()
-        finished = False
-        try:
-            while (ev := req.events.get()) is not _END:
-                if isinstance(ev, BaseException):
-                    _raise(ev)
-                yield ev
-            finished = True
-        finally:
-            if not finished:
-                req.cancel.set()  # a caller that stopped early (or hit an error) frees its row (or the model)
 
     def _prepare(self, req: _Request) -> None:
         """The request's decoding state (prompt ids, sampler), made in the caller's thread."""
@@ -236,7 +231,7 @@ class Engine:
         except BaseException as e:  # handed to the caller's thread, re-raised there
             req.put(e)
         finally:
-            req.put(_END)
+            req.put(END)
 
     # --- the batch loop ---------------------------------------------------------------------
     def _submit(self, req: _Request) -> None:
@@ -257,7 +252,7 @@ class Engine:
                 with self._cv:
                     waiting, self._pending = self._pending, []
                 for req in waiting:
-                    req.put(e, _END)
+                    req.put(e, END)
                 continue
             with self._cv:
                 room = min(self.max_batch, self._rows.capacity) - len(self._active)
@@ -277,12 +272,12 @@ class Engine:
 
     def _admit(self, req: _Request) -> None:
         if req.cancel.is_set() or req.decoding is None:
-            req.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()), _END)
+            req.put(Done(Message(Role.ASSISTANT, ""), "cancelled", Usage()), END)
             return
         try:
             req.slot, logits = self._rows.add(req.decoding.prompt_ids)
         except BaseException as e:  # its prefill failed (e.g. out of memory): the batch goes on without it
-            req.put(e, _END)
+            req.put(e, END)
             return
         req.decoding.cached_tokens = self._rows.cached_tokens(req.slot)
         with self._cv:
@@ -320,7 +315,7 @@ class Engine:
                 self._active.remove(req)
         if req.slot is not None and self._rows is not None:
             self._rows.remove(req.slot)
-        req.put(*events, _END)
+        req.put(*events, END)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
@@ -332,7 +327,7 @@ class Engine:
                 log.debug("could not remove a failed row", exc_info=True)
         self._rows = None  # its state is unknown after a failure: start afresh
         for req in failed:
-            req.put(error, _END)
+            req.put(error, END)
 
 
 def _raise(error: BaseException) -> None:
