@@ -17,9 +17,10 @@ import shlex
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chatglm_core.errors import ConfigError
+from tools.entries import validated_entries
 from tools.mcp_client import McpConnection, McpStartError, RemoteTool, ServerConfig
 from tools.registry import NAME_RE, ToolRegistry
 
@@ -72,19 +73,7 @@ class McpEntry(BaseModel):
 
 def entry_problems(raw_entries: list[Any]) -> tuple[list[McpEntry], list[str]]:
     """Validate the `mcp:` list: the entries, and one problem line per bad field ("mcp server 'x': field: …")."""
-    entries, problems, seen = [], [], set()
-    for i, raw in enumerate(raw_entries):
-        label = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else f"#{i + 1}"
-        try:
-            entry = McpEntry.model_validate(raw)
-        except ValidationError as e:
-            problems += [f"mcp server {label!r}: {_problem(err)}" for err in e.errors()]
-            continue
-        if entry.name in seen:
-            problems.append(f"mcp server {entry.name!r}: name: defined twice in this file")
-        seen.add(entry.name)
-        entries.append(entry)
-    return entries, problems
+    return validated_entries(raw_entries, McpEntry, "mcp server", _problem)
 
 
 def _problem(err: dict[str, Any]) -> str:

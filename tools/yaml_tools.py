@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from chatglm_core.errors import ConfigError
+from tools.entries import validated_entries
 from tools.mcp_tools import entry_problems, start_servers
 from tools.registry import NAME_RE, ToolError, ToolRegistry
 from tools.schema import check_parameters_schema
@@ -88,17 +89,10 @@ def load_yaml_text(registry: ToolRegistry, text: str, source: str, base_dir: Pat
     ConfigError listing every problem in the file (a server that fails to start is a warning)."""
     entries, servers = _entries(text, source)
     mcp_entries, problems = entry_problems(servers)
-    staged, seen = [], set()
-    for i, raw in enumerate(entries):
-        label = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else f"#{i + 1}"
-        try:
-            entry = ToolEntry.model_validate(raw)
-        except ValidationError as e:
-            problems += [f"tool {label!r}: {_pydantic_problem(err)}" for err in e.errors()]
-            continue
-        if entry.name in seen:
-            problems.append(f"tool {entry.name!r}: name: defined twice in this file")
-        seen.add(entry.name)
+    tool_entries, tool_problems = validated_entries(entries, ToolEntry, "tool", _pydantic_problem)
+    problems += tool_problems
+    staged = []
+    for entry in tool_entries:
         other = registry.get(entry.name)
         if other is not None and other.source != source and not other.source.startswith(f"{source} · "):
             problems.append(f"tool {entry.name!r}: name: already defined by {other.source}")
