@@ -75,7 +75,9 @@ def test_the_engine_streams_what_it_decodes_whole(small_engine, reply):
 @pytest.mark.parametrize("penalty", [1.05, 1.3, 0.8])
 def test_the_incremental_repetition_penalty_equals_transformers(penalty):
     """RepetitionPenalty (distinct ids kept, logits changed in place) gives transformers'
-    RepetitionPenaltyLogitsProcessor's scores at every step of a growing sequence."""
+    RepetitionPenaltyLogitsProcessor's scores at every step of a growing sequence, on torch scores
+    and on numpy ones (llama.cpp's logits, penalized in place from the prompt and reply lists)."""
+    import numpy as np
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -83,9 +85,41 @@ def test_the_incremental_repetition_penalty_equals_transformers(penalty):
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (1, 40), generator=gen)  # repeats, like a real prompt
-    ours, theirs = RepetitionPenalty(penalty), RepetitionPenaltyLogitsProcessor(penalty)
+    prompt, reply = ids[0].tolist(), []
+    ours, ours_np, theirs = RepetitionPenalty(penalty), RepetitionPenalty(penalty), RepetitionPenaltyLogitsProcessor(penalty)
     for _ in range(30):
         scores = torch.randn(1, 64, generator=gen) * 5
         expected = theirs(ids, scores.clone())
         assert torch.equal(ours(ids, scores.clone()), expected)
-        ids = torch.cat([ids, torch.randint(0, 64, (1, 1), generator=gen)], dim=-1)
+        flat = scores[0].numpy().copy()
+        ours_np.penalize(flat, prompt, reply)
+        assert flat.dtype == np.float32 and np.array_equal(flat, expected[0].numpy())
+        token = torch.randint(0, 64, (1, 1), generator=gen)
+        ids = torch.cat([ids, token], dim=-1)
+        reply.append(int(token))
+
+
+def test_greedy_sampling_of_numpy_logits_equals_the_torch_path():
+    """Decoding.sample takes llama.cpp's logits as numpy arrays: greedy with a repetition penalty is
+    sampled in numpy, and picks what the torch path picks from the same logits at every step (ties
+    included: both take the first maximum)."""
+    import torch
+
+    from chatglm_core.backends.base import GenerationOptions
+    from chatglm_core.backends.decoding import Decoding, build_processors
+
+    def decoding(penalty):
+        opts = GenerationOptions(temperature=0.0, repetition_penalty=penalty, max_new_tokens=64)
+        return Decoding(list(range(20)), opts, max_new=64, stop_token_ids=[], decode=lambda ids: "", parse=None,
+                        processors=build_processors(opts, None, "chatml"), tools=False, interpreter=False)
+
+    gen = torch.Generator().manual_seed(1)
+    for penalty in (1.0, 1.05, 1.3):
+        on_numpy, on_torch = decoding(penalty), decoding(penalty)
+        assert on_numpy._numpy
+        for step in range(40):
+            logits = torch.randn(64, generator=gen) * 3
+            logits[7] = logits[9] = logits.max() + 1  # a tie
+            token = on_numpy.sample(logits.numpy().copy())
+            assert token == on_torch.sample(logits.clone()), (penalty, step)
+            on_numpy.accept(token), on_torch.accept(token)

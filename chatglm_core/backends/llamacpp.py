@@ -42,6 +42,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from chatglm_core.backends.decoding import LocalBackend
 from chatglm_core.backends.llamacpp_cache import SequencePool
 from chatglm_core.errors import ConfigError, GenerationError, RequestError
@@ -117,6 +119,7 @@ class LlamaCppBackend(LocalBackend):
             raise ConfigError(f"llama.cpp could not create a context of {self.n_ctx} tokens for {gguf}: lower n_ctx")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self._row_type = ctypes.c_float * self.n_vocab  # one row of logits, read in place
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._use = threading.RLock()  # held while llama.cpp runs, so close() never frees under it
         _open_backends.add(self)
@@ -188,23 +191,23 @@ class LlamaCppBackend(LocalBackend):
         """Next-token logits after each of ids[start:], with ids fed as given (scoring a known text
         against another model's choices, as the tests and benchmarks/bench_gguf_weights.py do).
         Always from position 0: no cached prefix is used or kept."""
+        import torch
+
         seq, _ = self.seqs.acquire(ids, reuse=False)
         try:
-            return self.run([(t, p, seq, p >= start) for p, t in enumerate(ids)])
+            return [torch.from_numpy(row) for row in self.run([(t, p, seq, p >= start) for p, t in enumerate(ids)])]
         finally:
             self.seqs.release(seq, keep=False)
 
     def run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
-        """Decode (token, position, sequence, wants logits) items; logits (1-D tensors) of those asking."""
+        """Decode (token, position, sequence, wants logits) items; logits (1-D float32 numpy arrays) of
+        those asking."""
         with self._use:
             if self._ctx is None:
                 raise GenerationError("the llama.cpp backend is closed (the process is shutting down?)")
             return self._run(items)
 
     def _run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
-        import numpy as np
-        import torch
-
         ll, b = self._ll, self._batch
         # Sequences in increasing order: with a stream per sequence (kv_unified=False) llama.cpp cuts a
         # batch into a micro-batch wherever the sequence id goes down, so 8 rows in the engine's order
@@ -227,10 +230,9 @@ class LlamaCppBackend(LocalBackend):
                 raise GenerationError(f"llama.cpp failed to decode (code {rc})")
             self.seqs.fed(chunk)
             for i, (_, _, _, logits) in enumerate(chunk):
-                if logits:
-                    ptr = ll.llama_get_logits_ith(self._ctx, i)
-                    row = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-                    got.append((order[start + i], row))
+                if logits:  # a copy: the next decode overwrites llama.cpp's buffer
+                    row = self._row_type.from_address(ctypes.addressof(ll.llama_get_logits_ith(self._ctx, i).contents))
+                    got.append((order[start + i], np.array(row, dtype=np.float32)))
         got.sort(key=lambda g: g[0])
         return [row for _, row in got]
 
