@@ -32,6 +32,18 @@ def test_byte_level_bpe(small_backend):
     _assert_matches_whole(tok, lambda ids: tok.decode(ids, skip_special_tokens=True))
 
 
+def test_the_reply_decoder_decodes_as_the_tokenizer_does(small_backend):
+    """The backend's reply decoder (straight from the Rust tokenizer when transformers has no clean-up
+    to do) gives tokenizer.decode's text at every token, special tokens skipped."""
+    tok = small_backend.tokenizer
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        ids = ids[:3] + [tok.convert_tokens_to_ids("<|im_start|>")] + ids[3:]  # a special token inside
+        decode = small_backend.reply_decoder()
+        for n in range(1, len(ids) + 1):
+            assert decode(ids[:n]) == tok.decode(ids[:n], skip_special_tokens=True), (text, n)
+
+
 def test_sentencepiece():
     from chatglm_core.models.chatglm3_tokenizer import ChatGLM3Tokenizer
 
@@ -114,7 +126,7 @@ def test_greedy_sampling_of_numpy_logits_equals_the_torch_path():
                         processors=build_processors(opts, None, "chatml"), tools=False, interpreter=False)
 
     gen = torch.Generator().manual_seed(1)
-    for penalty in (1.0, 1.05, 1.3):
+    for penalty in (1.0, 1.05, 1.3, 0.8):
         on_numpy, on_torch = decoding(penalty), decoding(penalty)
         assert on_numpy._numpy
         for step in range(40):

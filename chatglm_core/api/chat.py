@@ -304,24 +304,32 @@ async def stream_events(engine: Engine, plan: ChatPlan, model: str, run: EngineR
             body["usage"] = None
         return sse(body)
 
+    def text_chunk(index: int) -> tuple[str, str]:
+        # A content delta's line around its text: the event loop's work per streamed token is this
+        # concatenation and json.dumps of the text alone (the same bytes as chunk(index, {"content": text}))
+        line = chunk(index, {"content": _MARK})
+        head, tail = line.split(json.dumps(_MARK), 1)
+        return head, tail
+
     try:
         for i, opts in enumerate(plan.options):
             if i:
                 run.close()
                 run, first = EngineRun(engine, plan.messages, opts, plan.tools), None
             yield chunk(i, {"role": "assistant", "content": ""})
+            head, tail = text_chunk(i)
             ev = first if first is not None else await run.next()
-            streamed = ""
+            streamed: list[str] = []
             while ev is not None:
                 if isinstance(ev, TextDelta) and ev.text:
-                    streamed += ev.text
-                    yield chunk(i, {"content": ev.text})
+                    streamed.append(ev.text)
+                    yield head + json.dumps(ev.text, ensure_ascii=False) + tail
                 elif isinstance(ev, Done):
                     usage.prompt_tokens = ev.usage.prompt_tokens
                     usage.completion_tokens += ev.usage.completion_tokens
                     if i == 0:  # the prompt as it arrived; later choices find it cached by the first
                         usage.cached_tokens = ev.usage.cached_tokens
-                    for line in _done_chunks(clean_done(ev, plan.tools), plan.legacy, streamed):
+                    for line in _done_chunks(clean_done(ev, plan.tools), plan.legacy, "".join(streamed)):
                         yield chunk(i, *line)
                 ev = await run.next()
         if plan.include_usage:
@@ -348,6 +356,9 @@ def _done_chunks(done: Done, legacy: bool, streamed: str) -> list[tuple[dict[str
         out.append(({"tool_calls": [{"index": k, **_tool_call_json(c)} for k, c in enumerate(calls)]}, None))
     out.append(({}, _finish(done, legacy)))
     return out
+
+
+_MARK = "\u0000mark\u0000"  # stands for a delta's text in text_chunk (no model text is this string)
 
 
 def sse(obj: dict[str, Any]) -> str:

@@ -120,6 +120,7 @@ class LlamaCppBackend(LocalBackend):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._row_type = ctypes.c_float * self.n_vocab  # one row of logits, read in place
+        self._views: dict[int, Any] = {}  # address -> numpy view of a logits row (_logits_row)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._use = threading.RLock()  # held while llama.cpp runs, so close() never frees under it
         _open_backends.add(self)
@@ -231,10 +232,21 @@ class LlamaCppBackend(LocalBackend):
             self.seqs.fed(chunk)
             for i, (_, _, _, logits) in enumerate(chunk):
                 if logits:  # a copy: the next decode overwrites llama.cpp's buffer
-                    row = self._row_type.from_address(ctypes.addressof(ll.llama_get_logits_ith(self._ctx, i).contents))
-                    got.append((order[start + i], np.array(row, dtype=np.float32)))
+                    got.append((order[start + i], self._logits_row(i).copy()))
         got.sort(key=lambda g: g[0])
         return [row for _, row in got]
+
+    def _logits_row(self, i: int) -> Any:
+        """A numpy view of llama.cpp's logits for batch item i, made once per address: llama.cpp's output
+        buffer stays put between decodes, and building the view (ctypes array, buffer protocol) cost
+        more than the copy of its 49k floats."""
+        addr = ctypes.cast(self._ll.llama_get_logits_ith(self._ctx, i), ctypes.c_void_p).value
+        view = self._views.get(addr)
+        if view is None:
+            if len(self._views) >= 4 * self.sequences:  # the buffer moved (a bigger batch of outputs)
+                self._views.clear()
+            view = self._views[addr] = np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
+        return view
 
 
 class LlamaRows:
