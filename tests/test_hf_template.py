@@ -76,3 +76,31 @@ def test_assistant_calls_render_in_the_parsed_form(fmt):
 
 def test_stop_tokens_include_im_end(fmt):
     assert fmt.tokenizer.convert_tokens_to_ids("<|im_end|>") in fmt.stop_token_ids
+
+
+def test_a_batch_encode_gives_the_ids_of_each_piece_encoded_alone(fmt):
+    """encode tokenizes the template text and the contents in two batch calls: the ids are those of
+    each piece encoded by itself (template text with its special tokens, content as plain text), in
+    order, for conversations mixing control-token strings, placeholder look-alikes and empty turns."""
+    import random
+
+    tok, rnd = fmt.tokenizer, random.Random(0)
+    bits = ["<|im_start|>", "<|im_end|>", "PHdeadbeef0123X0X", " ", "\n", "hello", "1.", "🙂", "", "<tool_call>"]
+
+    def text() -> str:
+        return "".join(rnd.choice(bits) for _ in range(rnd.randint(0, 6)))
+
+    for _ in range(40):
+        messages = [Message(Role.SYSTEM, text())] if rnd.random() < 0.5 else []
+        for _ in range(rnd.randint(1, 3)):
+            messages += [Message(Role.USER, text()), Message(Role.ASSISTANT, text())]
+        messages.append(Message(Role.USER, text() or "?"))
+        tools = WEATHER if rnd.random() < 0.3 else None
+        rendered, contents = fmt.render(messages, tools)
+        expected: list[int] = []
+        for key in sorted(contents, key=rendered.index):  # template text before each content
+            before, rendered = rendered.split(key, 1)
+            expected += tok.encode(before, add_special_tokens=False)
+            expected += tok.encode(contents[key], add_special_tokens=False, split_special_tokens=True)
+        expected += tok.encode(rendered, add_special_tokens=False)
+        assert fmt.encode(messages, tools) == expected

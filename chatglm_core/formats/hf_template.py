@@ -34,6 +34,9 @@ def tools_system_text(tools: list[dict[str, Any]]) -> str:
             "and wait for its result. Otherwise answer normally.")
 
 
+_PLACEHOLDER = re.compile(r"(PH[0-9a-f]{12}X\d+X)")  # HFTemplateFormat.render's placeholders
+
+
 class HFTemplateFormat:
     name = "hf"
     interpreter_prompt = INTERPRETER_PROMPT
@@ -88,18 +91,30 @@ class HFTemplateFormat:
 
     def encode(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
         text, contents = self.render(messages, tools)
-        ids: list[int] = []
         if not contents:
             return self.tokenizer.encode(text, add_special_tokens=False)
-        pattern = re.compile("(" + "|".join(map(re.escape, contents)) + ")")
-        for piece in pattern.split(text):
-            if not piece:
-                continue
-            if piece in contents:
-                ids += self.tokenizer.encode(contents[piece], add_special_tokens=False, split_special_tokens=True)
+        pieces: list[tuple[bool, str]] = []  # (is content, text), template text between contents kept whole
+        for piece in _PLACEHOLDER.split(text):
+            content = contents.get(piece)
+            if content is not None:
+                pieces.append((True, content))
+            elif pieces and not pieces[-1][0]:
+                pieces[-1] = (False, pieces[-1][1] + piece)
             else:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+                pieces.append((False, piece))
+        pieces = [(c, t) for c, t in pieces if t]
+        # two batch calls instead of one call per piece (a 40-message chat: ~1 ms instead of ~4 ms)
+        template = iter(self._encode_all([t for c, t in pieces if not c], split=False))
+        content = iter(self._encode_all([t for c, t in pieces if c], split=True))
+        ids: list[int] = []
+        for is_content, _ in pieces:
+            ids += next(content if is_content else template)
         return ids
+
+    def _encode_all(self, texts: list[str], *, split: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
 
     # --- parsing ----------------------------------------------------------------------------
     def parse(self, text: str, *, tools: bool = False, interpreter: bool = False) -> Message:
