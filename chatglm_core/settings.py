@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # llama.cpp's repacked ("extra") weight buffers: "auto" = off on CPUs with AMX, where they crash
     # (backends.llamacpp.use_extra_buffers), on elsewhere; "on"/"off" force it
     llama_repack: Literal["auto", "on", "off"] = "auto"
+    # llama.cpp's flash attention, as llama-server's -fa: "auto" = on where the CPU backend supports the
+    # model's attention (see backends.llamacpp for what it costs and saves)
+    llama_flash_attn: Literal["auto", "on", "off"] = "auto"
     # CPU threads for one model step; default the physical cores (see models.loader.default_threads)
     threads: int | None = Field(None, ge=1)
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;

@@ -148,6 +148,7 @@ class LlamaCppBackend(LocalBackend):
         threads = cpu_threads(settings)
         backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
                       n_threads_batch=threads, extra_buffers=use_extra_buffers(settings.llama_repack),
+                      flash_attn={"auto": None, "on": True, "off": False}[settings.llama_flash_attn],
                       prefix_cache=settings.prefix_cache)
         backend.source_gguf = gguf
         backend.prefill_chunk = settings.prefill_chunk
