@@ -11,6 +11,7 @@ generation ends within a token, or never starts if it was still queued.
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import weakref
 from typing import Any
@@ -26,20 +27,47 @@ class ClientGone(Exception):
     """The HTTP client disconnected while we waited for the model."""
 
 
+class Inbox:
+    """One generation's events on the event loop: a deque and the one waiter of `get` (lighter than an
+    asyncio.Queue, whose put and get ran a dozen Python calls per streamed token)."""
+
+    __slots__ = ("items", "_waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def deliver(self, events: list[Any]) -> None:
+        """Add events (on the loop's thread) and wake the waiting `get`."""
+        self.items.extend(events)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self.items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.items.popleft()
+
+
 class LoopSink:
-    """Events from the engine's threads into asyncio queues on one loop, one loop wake per batch of
-    calls (the calls of one batch step arrive together)."""
+    """Events from the engine's threads into inboxes on one loop, one loop wake per batch of calls
+    (the calls of one batch step arrive together)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue[Any], list[Any]]] = []
+        self._items: list[tuple[Inbox, list[Any]]] = []
         self._scheduled = False
 
-    def put(self, queue: asyncio.Queue[Any], events: list[Any]) -> bool:
-        """Queue `events` for `queue`; False when the loop is gone (nobody is listening)."""
+    def put(self, inbox: Inbox, events: list[Any]) -> bool:
+        """Queue `events` for `inbox`; False when the loop is gone (nobody is listening)."""
         with self._lock:
-            self._items.append((queue, events))
+            self._items.append((inbox, events))
             if self._scheduled:
                 return True
             self._scheduled = True
@@ -52,9 +80,8 @@ class LoopSink:
     def _flush(self) -> None:
         with self._lock:
             items, self._items, self._scheduled = self._items, [], False
-        for queue, events in items:
-            for ev in events:
-                queue.put_nowait(ev)
+        for inbox, events in items:
+            inbox.deliver(events)
 
 
 _sinks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
@@ -73,7 +100,7 @@ class EngineRun:
         self.cancel = threading.Event()
         loop = asyncio.get_running_loop()
         self._sink = loop_sink(loop)
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._inbox = Inbox()
         self._pending: asyncio.Future[Any] | None = None
         self._ended = False
         self._starting = loop.run_in_executor(None, self._start, engine, messages, options, tools)
@@ -86,7 +113,7 @@ class EngineRun:
             self._put([e, END])
 
     def _put(self, events: list[Any]) -> None:
-        if not self._sink.put(self._queue, events):
+        if not self._sink.put(self._inbox, events):
             self.cancel.set()
 
     async def next(self, request: Request | None = None, poll: float = 0.25) -> TextDelta | Done | None:
@@ -100,10 +127,10 @@ class EngineRun:
         if request is None and self._pending is None:
             # the streaming loop's call, once per token: a plain await (a task and asyncio.wait per
             # event cost the event loop ~20% of its per-token work, which the model's thread waited for)
-            return self._unwrap(await self._queue.get())
+            return self._unwrap(await self._inbox.get())
         while True:
             if self._pending is None:
-                self._pending = asyncio.ensure_future(self._queue.get())
+                self._pending = asyncio.ensure_future(self._inbox.get())
             done, _ = await asyncio.wait({self._pending}, timeout=poll if request is not None else None)
             if done:
                 item = self._pending.result()
