@@ -121,6 +121,10 @@ class LlamaCppBackend(LocalBackend):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._row_type = ctypes.c_float * self.n_vocab  # one row of logits, read in place
         self._views: dict[int, Any] = {}  # address -> numpy view of a logits row (_logits_row)
+        # llama_get_logits_ith answering a plain address (llama-cpp-python's binding makes a ctypes
+        # pointer object, which then had to be cast)
+        self._logits_addr = llama_cpp.llama_cpp._lib["llama_get_logits_ith"]
+        self._logits_addr.argtypes, self._logits_addr.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._use = threading.RLock()  # held while llama.cpp runs, so close() never frees under it
         _open_backends.add(self)
@@ -241,7 +245,7 @@ class LlamaCppBackend(LocalBackend):
         """A numpy view of llama.cpp's logits for batch item i, made once per address: llama.cpp's output
         buffer stays put between decodes, and building the view (ctypes array, buffer protocol) cost
         more than the copy of its 49k floats."""
-        addr = ctypes.cast(self._ll.llama_get_logits_ith(self._ctx, i), ctypes.c_void_p).value
+        addr = self._logits_addr(self._ctx, i)
         view = self._views.get(addr)
         if view is None:
             if len(self._views) >= 4 * self.sequences:  # the buffer moved (a bigger batch of outputs)
