@@ -229,6 +229,30 @@ def test_the_model_is_loaded_with_the_extra_buffer_choice(small_settings, monkey
         backend.close()
 
 
+@needs_llamacpp
+@pytest.mark.parametrize(("mode", "expected"), [("auto", "AUTO"), ("on", "ENABLED"), ("off", "DISABLED")])
+def test_the_context_gets_the_flash_attention_setting(small_settings, monkeypatch, mode, expected):
+    """CHATGLM_LLAMA_FLASH_ATTN reaches llama.cpp's context parameters (llama-server's -fa), and a
+    context without it still decodes."""
+    import llama_cpp
+
+    seen = []
+    init = llama_cpp.llama_init_from_model
+
+    def spy(model, params):
+        seen.append(params.flash_attn_type)
+        return init(model, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_init_from_model", spy)
+    backend = llamacpp.LlamaCppBackend.from_settings(small_settings.model_copy(update={"llama_flash_attn": mode}))
+    try:
+        assert seen == [getattr(llama_cpp, f"LLAMA_FLASH_ATTN_TYPE_{expected}")]
+        done = Engine(backend).complete([Message(Role.USER, "Hi")], GenerationOptions(temperature=0, max_new_tokens=3))
+        assert done.usage.completion_tokens >= 1
+    finally:
+        backend.close()
+
+
 def llamacpp_run(backend, dec):
     from chatglm_core.backends.decoding import run_rows
 
