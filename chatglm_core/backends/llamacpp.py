@@ -246,6 +246,8 @@ class LlamaCppBackend(LocalBackend):
         buffer stays put between decodes, and building the view (ctypes array, buffer protocol) cost
         more than the copy of its 49k floats."""
         addr = self._logits_addr(self._ctx, i)
+        if not addr:  # llama.cpp logged why (an index it has no output for)
+            raise GenerationError(f"llama.cpp returned no logits for batch item {i}")
         view = self._views.get(addr)
         if view is None:
             if len(self._views) >= 4 * self.sequences:  # the buffer moved (a bigger batch of outputs)
