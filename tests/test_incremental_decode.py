@@ -135,3 +135,50 @@ def test_greedy_sampling_of_numpy_logits_equals_the_torch_path():
             token = on_numpy.sample(logits.numpy().copy())
             assert token == on_torch.sample(logits.clone()), (penalty, step)
             on_numpy.accept(token), on_torch.accept(token)
+
+
+def test_sampling_numpy_logits_draws_from_the_torch_paths_nucleus():
+    """Sampled decoding of numpy logits (temperature, top_p, repetition penalty, no top_k) keeps the
+    nucleus the torch path keeps, draws each token as often as its probability says, and repeats
+    itself under a seed (its uniform numbers are Python's, seeded per request)."""
+    import numpy as np
+    import torch
+
+    from chatglm_core.backends.base import GenerationOptions
+    from chatglm_core.backends.decoding import Decoding, build_processors, nucleus, nucleus_array
+
+    gen = torch.Generator().manual_seed(0)
+    for scale, top_p in [(0.5, 0.9), (3.0, 0.9), (8.0, 0.5), (0.01, 0.95), (3.0, 0.999), (20.0, 0.1), (1.0, 1e-9)]:
+        probs = torch.softmax(torch.randn(49152, generator=gen) * scale, -1)
+        _, theirs = nucleus(probs, top_p)
+        _, ours = nucleus_array(probs.numpy() * 7.5, top_p)  # unnormalized, as sample_array passes them
+        # the same set but for float rounding at the edge (at top_p 0.999, a few tokens of ~1e-7 each)
+        edge = set(ours.tolist()) ^ set(theirs.tolist())
+        assert float(probs[list(edge)].sum()) < 1e-5, (scale, top_p)
+
+    def decoding(seed=None, temperature=0.7, top_p=0.8, top_k=0, penalty=1.0):
+        opts = GenerationOptions(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=penalty,
+                                 max_new_tokens=8, seed=seed)
+        return Decoding([0, 1], opts, max_new=8, stop_token_ids=[], decode=lambda ids: "", parse=None,
+                        processors=build_processors(opts, None, "chatml"), tools=False, interpreter=False)
+
+    assert decoding(penalty=1.05)._numpy and not decoding(top_k=3)._numpy  # top_k stays on torch
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)
+    scaled = torch.tensor(logits) / 0.7
+    probs = torch.softmax(scaled, -1)
+    order = probs.argsort(descending=True)
+    kept = torch.zeros(6, dtype=torch.bool)
+    kept[order[(probs[order].cumsum(0) - probs[order]) < 0.8]] = True
+    expected = probs * kept / (probs * kept).sum()
+    dec = decoding()
+    draws = torch.tensor([dec.sample(logits.copy()) for _ in range(20000)])
+    freq = torch.bincount(draws, minlength=6) / len(draws)
+    assert (freq[~kept] == 0).all() and torch.allclose(freq, expected, atol=0.015)
+    # the penalty lowers what was seen (ids 0 and 1, the prompt) before the draw, as on torch
+    penalized = decoding(penalty=3.0, top_p=1.0)
+    freq = torch.bincount(torch.tensor([penalized.sample(logits.copy()) for _ in range(20000)]), minlength=6) / 20000
+    pen = torch.tensor(logits)
+    pen[:2] = torch.where(pen[:2] < 0, pen[:2] * 3.0, pen[:2] / 3.0)
+    assert torch.allclose(freq, torch.softmax(pen / 0.7, -1), atol=0.015)
+    a, b = decoding(seed=7), decoding(seed=7)
+    assert [a.sample(logits.copy()) for _ in range(50)] == [b.sample(logits.copy()) for _ in range(50)]
