@@ -120,7 +120,6 @@ class LlamaCppBackend(LocalBackend):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._row_type = ctypes.c_float * self.n_vocab  # one row of logits, read in place
-        self._views: dict[int, Any] = {}  # address -> numpy view of a logits row (_logits_row)
         # llama_get_logits_ith answering a plain address (llama-cpp-python's binding makes a ctypes
         # pointer object, which then had to be cast)
         self._logits_addr = llama_cpp.llama_cpp._lib["llama_get_logits_ith"]
@@ -242,18 +241,11 @@ class LlamaCppBackend(LocalBackend):
         return [row for _, row in got]
 
     def _logits_row(self, i: int) -> Any:
-        """A numpy view of llama.cpp's logits for batch item i, made once per address: llama.cpp's output
-        buffer stays put between decodes, and building the view (ctypes array, buffer protocol) cost
-        more than the copy of its 49k floats."""
+        """A numpy view of llama.cpp's logits for batch item i (valid until the next decode)."""
         addr = self._logits_addr(self._ctx, i)
         if not addr:  # llama.cpp logged why (an index it has no output for)
             raise GenerationError(f"llama.cpp returned no logits for batch item {i}")
-        view = self._views.get(addr)
-        if view is None:
-            if len(self._views) >= 4 * self.sequences:  # the buffer moved (a bigger batch of outputs)
-                self._views.clear()
-            view = self._views[addr] = np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
-        return view
+        return np.frombuffer(self._row_type.from_address(addr), dtype=np.float32)
 
 
 class LlamaRows:
