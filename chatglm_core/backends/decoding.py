@@ -148,7 +148,7 @@ class Decoding:
         # the numpy path's uniform numbers: Python's (a torch call cost ~0.09 ms there), seeded per request
         self._uniform = random.Random(options.seed).random if options.seed is not None else random.random
         self.text = TextAssembler(options.stop, hold=[TOOL_CALL_OPEN] if tools else [])
-        self._all_ids = torch.tensor([prompt_ids])
+        self._all_ids: Any = None  # all_ids, made when a torch processor first reads it
         # numpy logits (llama.cpp's) are sampled in numpy when nothing but a repetition penalty and the
         # temperature stands before the draw (no constraint, OpenAI penalties or top_k: those run on torch)
         self._penalty = next((p for p in processors if isinstance(p, RepetitionPenalty)), None)
@@ -168,6 +168,8 @@ class Decoding:
         when asked for: the numpy path never needs it."""
         import torch
 
+        if self._all_ids is None:
+            self._all_ids = torch.tensor([list(self.prompt_ids) + self.generated])
         have = self._all_ids.shape[1] - len(self.prompt_ids)
         if have < len(self.generated):
             self._all_ids = torch.cat([self._all_ids, torch.tensor([self.generated[have:]])], dim=-1)
@@ -415,7 +417,8 @@ class RepetitionPenalty:
     ids for a long chat) and copies the vocabulary's logits; this keeps the distinct ids seen so far,
     adds each new token to them, and changes those logits in place: a single stream through the API
     ran 4 % slower with the default penalty (1.05) than without it before, the same after. Called with
-    the sequence's growing ids (`Decoding.all_ids`), as the transformers processor is.
+    the sequence's growing ids (`Decoding.all_ids`), as the transformers processor is; `penalize` and
+    `greedy` do the same on numpy scores from the prompt and reply lists.
     """
 
     def __init__(self, penalty: float) -> None:
