@@ -265,10 +265,11 @@ def _load_hf(folder: Path, settings: Settings, device: str, dtype: Any) -> tuple
     elif settings.quantize != "none":
         kwargs["device_map"] = {"": 0}
     try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
         source = _gguf_source(folder)
         if source is not None:  # converted from a GGUF file: split text as llama.cpp does
-            gguf_split.fix_split(tok, gguf_split.split_type(folder, source))
+            tok = gguf_split.load(folder, source, trust_remote_code=settings.trust_remote_code)
+        else:
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=settings.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"could not load the model in {folder}: {e}") from e
