@@ -283,21 +283,26 @@ class Engine:
         with self._cv:
             self._active.append(req)
         if logits is not None:  # else its (long) prompt is prefilled by the next steps
-            self._advance(req, logits)
+            self._advance(req, _sample(req, logits))
 
     def _step(self) -> None:
         # rows that have tokens feed their last one; rows still prefilling get their first logits
-        # from the step that finishes their prompt
-        logits = self._rows.step({r.slot: r.decoding.generated[-1] for r in self._active if r.decoding.generated})
+        # from the step that finishes their prompt. Each row is sampled inside the step, while its
+        # logits are the backend's own (llama.cpp: no copy of them).
+        rows = {r.slot: r for r in self._active}
+        tokens = self._rows.step({slot: r.decoding.generated[-1] for slot, r in rows.items() if r.decoding.generated},
+                                 pick=lambda slot, logits: _sample(rows[slot], logits))
         for req in list(self._active):
-            if req.slot in logits:
-                self._advance(req, logits[req.slot])
+            if req.slot in tokens:
+                self._advance(req, tokens[req.slot])
 
-    def _advance(self, req: _Request, logits: Any) -> None:
-        """Sample this row's next token and hand its text to the caller; retire it when done."""
+    def _advance(self, req: _Request, token: int | BaseException) -> None:
+        """Hand the text of this row's sampled token to the caller; retire it when done."""
         dec = req.decoding
         try:
-            deltas, over = dec.accept(dec.sample(logits))
+            if isinstance(token, BaseException):
+                raise token
+            deltas, over = dec.accept(token)
             req.put(*deltas)
             if over:
                 self._retire(req, dec.finish())
@@ -336,6 +341,14 @@ def _raise(error: BaseException) -> None:
     if converted is error:
         raise error
     raise converted from error
+
+
+def _sample(req: _Request, logits: Any) -> int | BaseException:
+    """The row's next token, or what its sampling raised (that request's error alone, not the batch's)."""
+    try:
+        return req.decoding.sample(logits)
+    except BaseException as e:  # noqa: BLE001 - handed to _advance, which retires the request with it
+        return e
 
 
 def _as_error(error: BaseException) -> BaseException:

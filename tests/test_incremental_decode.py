@@ -137,6 +137,32 @@ def test_greedy_sampling_of_numpy_logits_equals_the_torch_path():
             on_numpy.accept(token), on_torch.accept(token)
 
 
+def test_numpy_greedy_equals_the_torch_path_when_ids_seen_lead():
+    """The numpy greedy penalizes the best id while it is one already seen, and every id seen after a
+    few rounds (a run of them at the top); either way it picks what the full penalty picks: seen ids
+    raised to the top, negative scores, and ties between a penalized id and an unseen one."""
+    import torch
+
+    from chatglm_core.backends.base import GenerationOptions
+    from chatglm_core.backends.decoding import Decoding, build_processors
+
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(300):
+        penalty = (1.05, 1.3, 2.0)[trial % 3]
+        opts = GenerationOptions(temperature=0.0, repetition_penalty=penalty, max_new_tokens=8)
+        on_numpy, on_torch = (Decoding(list(range(20)), opts, max_new=8, stop_token_ids=[], decode=lambda ids: "",
+                                       parse=None, processors=build_processors(opts, None, "chatml"), tools=False,
+                                       interpreter=False) for _ in range(2))
+        logits = torch.randn(64, generator=gen)
+        lead = int(torch.randint(0, 12, (), generator=gen))
+        logits[:lead] += 3  # ids 0..19 are the prompt's: seen
+        if trial % 5 == 0:
+            logits -= 6  # all negative: the penalty multiplies
+        if trial % 7 == 0:  # an unseen id equal to a seen one's penalized score, before or after it
+            logits[40] = logits[0] / penalty if logits[0] > 0 else logits[0] * penalty
+        assert on_numpy.sample(logits.numpy().copy()) == on_torch.sample(logits.clone()), trial
+
+
 def test_sampling_numpy_logits_draws_from_the_torch_paths_nucleus():
     """Sampled decoding of numpy logits (temperature, top_p, repetition penalty, no top_k) keeps the
     nucleus the torch path keeps, draws each token as often as its probability says, and repeats

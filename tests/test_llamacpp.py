@@ -275,14 +275,20 @@ class RowsSpy:
             self.seen[id(rows), slot] = [] if logits is None else [torch.tensor(logits)]
             return slot, logits
 
-        def spy_step(rows, tokens):
+        def spy_step(rows, tokens, pick=None):
             before = {s: rows.pos[s] for s in rows.prompts}
-            out = step(rows, tokens)
+            got = {}
+
+            def record(slot, logits):  # a copy, taken before the engine's sampler changes them in place
+                got[slot] = torch.tensor(logits)
+                return logits.copy() if pick is None else pick(slot, logits)
+
+            out = step(rows, tokens, pick=record)
             self.steps.append((len(tokens), sum(rows.pos[s] - p for s, p in before.items())))
-            for slot, logits in out.items():  # a row's first logits come from the step finishing its prompt
+            for slot in out:  # a row's first logits come from the step finishing its prompt
                 if slot in tokens:
                     self.fed[id(rows), slot].append(tokens[slot])
-                self.seen[id(rows), slot].append(torch.tensor(logits))
+                self.seen[id(rows), slot].append(got[slot])
             return out
 
         monkeypatch.setattr(llamacpp.LlamaRows, "add", spy_add)

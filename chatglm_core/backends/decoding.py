@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+import numpy as np
+
 from chatglm_core.backends.base import GenerationOptions
 from chatglm_core.errors import ParseError, RequestError
 from chatglm_core.formats.parsing import TOOL_CALL_OPEN
@@ -36,9 +38,13 @@ class Rows(Protocol):
         when the prompt is prefilled by the following steps instead (llama.cpp mixes it into them)."""
         ...
 
-    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+    def step(self, tokens: dict[int, int], pick: Any = None) -> dict[int, Any]:
         """Append one token to each listed slot (every slot that has had its logits); returns next
-        logits per slot, plus the first logits of each slot whose prompt this step finished."""
+        logits per slot, plus the first logits of each slot whose prompt this step finished.
+
+        With `pick`, a slot's value is `pick(slot, logits)` instead, called while those logits are
+        valid: llama.cpp's are its own buffer then (no copy), which pick may change in place but must
+        not keep. The engine samples there."""
         ...
 
     def remove(self, slot: int) -> None:
@@ -119,8 +125,15 @@ class LocalBackend:
                 getattr(tok, "clean_up_tokenization_spaces", None) is False:
             # what tokenizer.decode returns when there is no clean-up to do, without transformers'
             # wrapper around it (a quarter of the time: two of these run for every token)
-            return IncrementalDecode(lambda ids: rust.decode(ids, skip_special_tokens=True))
-        return IncrementalDecode(lambda ids: tok.decode(ids, skip_special_tokens=True))
+            return IncrementalDecode(lambda ids: rust.decode(ids, skip_special_tokens=True), self._single_texts())
+        return IncrementalDecode(lambda ids: tok.decode(ids, skip_special_tokens=True), self._single_texts())
+
+    def _single_texts(self) -> dict[int, str]:
+        """The replies' shared decode([id]) by id (one tokenizer per backend, so one table)."""
+        table = getattr(self, "_singles", None)
+        if table is None:
+            table = self._singles = {}
+        return table
 
     def decode(self, ids: list[int]) -> str:
         """Generated ids → text; a format may keep markers its parser needs (ChatGLM3's segments)."""
@@ -178,21 +191,21 @@ class Decoding:
     def sample(self, logits: Any) -> int:
         """The next token from this sequence's logits (1-D: a torch tensor, or a float32 numpy array from
         llama.cpp, which may be changed in place), after penalties, constraints and warpers."""
+        if isinstance(logits, np.ndarray) and self._numpy:
+            # The same numbers as the torch path in a few numpy calls: right after a decode has
+            # streamed the weights through the caches, each torch call here ran cold (penalty plus
+            # argmax ~0.35 ms a token against ~0.08 ms; a sampled token's extra work ~0.7 ms, a 15th
+            # of a step on 2 cores).
+            if self.options.greedy:
+                if self._penalty is not None:
+                    return self._penalty.greedy(logits, self.prompt_ids, self.generated)
+                return int(logits.argmax())
+            if self._penalty is not None:
+                self._penalty.penalize(logits, self.prompt_ids, self.generated)
+            return sample_array(logits, self.options.temperature, self.options.top_p, self._uniform)
         import torch
 
-        if not torch.is_tensor(logits):
-            if self._numpy:
-                # The same numbers as the torch path in a few numpy calls: right after a decode has
-                # streamed the weights through the caches, each torch call here ran cold (penalty plus
-                # argmax ~0.35 ms a token against ~0.08 ms; a sampled token's extra work ~0.7 ms, a 15th
-                # of a step on 2 cores).
-                if self.options.greedy:
-                    if self._penalty is not None:
-                        return self._penalty.greedy(logits, self.prompt_ids, self.generated)
-                    return int(logits.argmax())
-                if self._penalty is not None:
-                    self._penalty.penalize(logits, self.prompt_ids, self.generated)
-                return sample_array(logits, self.options.temperature, self.options.top_p, self._uniform)
+        if isinstance(logits, np.ndarray):
             logits = torch.from_numpy(logits)
         scores = logits.float().reshape(1, -1)
         for processor in self.processors:  # not LogitsProcessorList(): it inspects every signature per call
@@ -326,8 +339,6 @@ def sample_array(scores: Any, temperature: float, top_p: float, uniform: Any) ->
     """`sample_token` after transformers' TemperatureLogitsWarper, on a 1-D float32 numpy array (turned
     into unnormalized probabilities in place: each temporary of the vocabulary's size cost a fresh
     allocation, and every call runs cold right after a decode). `uniform()` draws from [0, 1)."""
-    import numpy as np
-
     if temperature != 1.0:
         scores /= np.float32(temperature)  # float32, as torch divides by the python float
     scores -= scores.max()
@@ -345,8 +356,6 @@ def nucleus_array(weights: Any, top_p: float) -> tuple[Any, Any]:
     """`nucleus` on a numpy array of probabilities up to a factor (exp of the scores): the tokens at or
     above a falling cut until they hold top_p of the mass (every token below the cut then has at least
     top_p above it, so none of them is in the nucleus), sorted; then the same rule, in float64."""
-    import numpy as np
-
     total = float(weights.sum(dtype=np.float64))
     mass = top_p * total
     cut = float(weights.max()) * 1e-3
@@ -394,15 +403,16 @@ def run_rows(rows: Rows, dec: Decoding, cancel: Any) -> Any:
                 yield from dec.finish("cancelled")
                 return
             logits = rows.step({}).get(slot)
+        token = dec.sample(logits)
         while True:
-            deltas, over = dec.accept(dec.sample(logits))
+            deltas, over = dec.accept(token)
             yield from deltas
             if over:
                 break
             if cancel is not None and cancel.is_set():
                 yield from dec.finish("cancelled")
                 return
-            logits = rows.step({slot: dec.generated[-1]})[slot]
+            token = rows.step({slot: dec.generated[-1]}, pick=lambda _, logits: dec.sample(logits))[slot]
         yield from dec.finish()
     finally:
         if slot is not None:
@@ -461,26 +471,42 @@ class RepetitionPenalty:
     def penalize(self, scores: Any, prompt: list[int], generated: list[int]) -> None:
         """The same on a 1-D float32 numpy array, in place, for the sequence prompt + generated (numpy
         casts the penalty to float32 as torch does, so the scores are equal)."""
-        import numpy as np
-
         self._catch_up(prompt, generated)
+        self._penalize_except(scores, ())
+
+    def _penalize_except(self, scores: Any, done: Any) -> None:
+        """Penalize the ids seen but those in `done` (a collection of ids already penalized)."""
         if not self._order:
             return
         if self._np is None:
             self._np = np.array(self._order, dtype=np.intp)
-        picked = scores[self._np]
-        scores[self._np] = np.where(picked < 0, picked * np.float32(self.penalty), picked / np.float32(self.penalty))
+        ids = self._np[~np.isin(self._np, list(done))] if done else self._np
+        picked = scores[ids]
+        scores[ids] = np.where(picked < 0, picked * np.float32(self.penalty), picked / np.float32(self.penalty))
 
     def greedy(self, scores: Any, prompt: list[int], generated: list[int]) -> int:
-        """argmax of the penalized numpy scores. A penalty above 1 only lowers the ids seen, so when the
-        best raw score is an id not seen it is the answer without penalizing (one numpy call instead
-        of five, each slow right after a decode); the first maximum either way, as argmax picks."""
-        if self.penalty >= 1.0:
-            self._catch_up(prompt, generated)
+        """argmax of the penalized numpy scores (which may be changed in place), the first maximum as
+        argmax picks.
+
+        A penalty above 1 only lowers the ids seen, so only those that beat the best unseen id matter:
+        this penalizes the argmax while it is an id seen and not yet penalized, and argmaxes again.
+        The answer is then the full penalty's: an id left alone scores no more penalized than raw,
+        which is below the answer (or equal and later). Penalizing every id seen (hundreds: a
+        gather, a where and a scatter) cost ~70 us a token right after a decode; this is an argmax
+        or two. After a few rounds it penalizes all of them (a run of ids seen at the top)."""
+        if self.penalty < 1.0:
+            self.penalize(scores, prompt, generated)
+            return int(scores.argmax())
+        self._catch_up(prompt, generated)
+        seen, done, penalty = self._seen, set(), np.float32(self.penalty)
+        for _ in range(4):
             best = int(scores.argmax())
-            if best not in self._seen:
+            if best not in seen or best in done:
                 return best
-        self.penalize(scores, prompt, generated)
+            value = scores[best]  # a float32 scalar: the same rounding as the array's where()
+            scores[best] = value * penalty if value < 0 else value / penalty
+            done.add(best)
+        self._penalize_except(scores, done)
         return int(scores.argmax())
 
 
@@ -496,8 +522,11 @@ class IncrementalDecode:
     anything else starts over with a whole decode.
     """
 
-    def __init__(self, decode: Any) -> None:
+    def __init__(self, decode: Any, singles: dict[int, str] | None = None) -> None:
         self._decode = decode
+        # decode([id]) by id, for the head of one token (most steps): a call less a token. Shared by the
+        # replies of one decode function (LocalBackend.reply_decoder), so it fills to the words in use.
+        self._singles = {} if singles is None else singles
         self._text = ""  # decode(ids[:_read])
         self._prefix = 0  # ids[_prefix:_read] are decoded again with each new token
         self._read = 0
@@ -505,9 +534,14 @@ class IncrementalDecode:
 
     def __call__(self, ids: list[int]) -> str:
         if len(ids) < self._seen:
-            self.__init__(self._decode)  # type: ignore[misc]
+            self.__init__(self._decode, self._singles)  # type: ignore[misc]
         self._seen = len(ids)
-        head = self._decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
+        if self._read - self._prefix == 1:
+            head = self._singles.get(ids[self._prefix])
+            if head is None:
+                head = self._singles[ids[self._prefix]] = self._decode(ids[self._prefix:self._read])
+        else:
+            head = self._decode(ids[self._prefix:self._read]) if self._read > self._prefix else ""
         both = self._decode(ids[self._prefix:])
         if not both.startswith(head):  # the new tokens changed how the ones before them decode
             text = self._decode(ids)

@@ -204,15 +204,19 @@ class LlamaCppBackend(LocalBackend):
         finally:
             self.seqs.release(seq, keep=False)
 
-    def run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+    def run(self, items: list[tuple[int, int, int, bool]], pick: Any = None) -> list[Any]:
         """Decode (token, position, sequence, wants logits) items; logits (1-D float32 numpy arrays) of
-        those asking."""
+        those asking, in the items' order.
+
+        With `pick`, each of those is `pick(index of the item, logits)` instead, called while the
+        logits are llama.cpp's own buffer (no copy: ~50 us a row right after a decode), which it may
+        change in place and must not keep: the next decode overwrites it."""
         with self._use:
             if self._ctx is None:
                 raise GenerationError("the llama.cpp backend is closed (the process is shutting down?)")
-            return self._run(items)
+            return self._run(items, pick)
 
-    def _run(self, items: list[tuple[int, int, int, bool]]) -> list[Any]:
+    def _run(self, items: list[tuple[int, int, int, bool]], pick: Any = None) -> list[Any]:
         ll, b = self._ll, self._batch
         # Sequences in increasing order: with a stream per sequence (kv_unified=False) llama.cpp cuts a
         # batch into a micro-batch wherever the sequence id goes down, so 8 rows in the engine's order
@@ -235,8 +239,9 @@ class LlamaCppBackend(LocalBackend):
                 raise GenerationError(f"llama.cpp failed to decode (code {rc})")
             self.seqs.fed(chunk)
             for i, (_, _, _, logits) in enumerate(chunk):
-                if logits:  # a copy: the next decode overwrites llama.cpp's buffer
-                    got.append((order[start + i], self._logits_row(i).copy()))
+                if logits:  # picked or copied now: the next decode overwrites llama.cpp's buffer
+                    index = order[start + i]
+                    got.append((index, self._logits_row(i).copy() if pick is None else pick(index, self._logits_row(i))))
         got.sort(key=lambda g: g[0])
         return [row for _, row in got]
 
@@ -292,7 +297,7 @@ class LlamaRows:
     def cached_tokens(self, slot: int) -> int:
         return self.reused.get(slot, 0)
 
-    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+    def step(self, tokens: dict[int, int], pick: Any = None) -> dict[int, Any]:
         decoding = list(tokens)
         items = [(tokens[s], self.pos[s], self.seqs[s], True) for s in decoding]
         budget = self.prefill_chunk if decoding else self.backend.n_batch
@@ -304,7 +309,16 @@ class LlamaRows:
             fed[s], budget = n, budget - n
             if budget <= 0 or start + n == len(ids):
                 break
-        logits = self.backend.run(items) if items else []
+        by_item = None
+        if pick is not None:  # items asking for logits: one per decoding slot, then a prompt's last token
+            slot_of = dict(enumerate(decoding))
+            ends = [s for s, n in fed.items() if self.pos[s] + n == len(self.prompts[s])]
+            if ends:  # at most one, the last fed (the loop above stops there)
+                slot_of[len(items) - 1] = ends[0]
+
+            def by_item(index: int, logits: Any) -> Any:
+                return pick(slot_of[index], logits)
+        logits = self.backend.run(items, by_item) if items else []
         for s in decoding:
             self.pos[s] += 1
         finished = []

@@ -179,7 +179,11 @@ class KVRows:
         self.mask = torch.cat([self.mask, mask], dim=0)
         self.pos = torch.cat([self.pos, pos])
 
-    def step(self, tokens: dict[int, int]) -> dict[int, Any]:
+    def step(self, tokens: dict[int, int], pick: Any = None) -> dict[int, Any]:
+        out = self._step(tokens)
+        return out if pick is None else {s: pick(s, logits) for s, logits in out.items()}
+
+    def _step(self, tokens: dict[int, int]) -> dict[int, Any]:
         import torch
 
         if set(tokens) != set(self.slots):
