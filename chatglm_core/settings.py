@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # llama.cpp's flash attention, as llama-server's -fa: "auto" = on where the CPU backend supports the
     # model's attention (see backends.llamacpp for what it costs and saves)
     llama_flash_attn: Literal["auto", "on", "off"] = "auto"
+    # how llama.cpp holds a GGUF's weights: "read" into the process's memory, "mmap" the file (llama-server's
+    # default); "auto" reads a file that fits in half the memory available (see backends.llamacpp.load_mode)
+    llama_load: Literal["auto", "read", "mmap"] = "auto"
     # CPU threads for one model step; default the physical cores (see models.loader.default_threads)
     threads: int | None = Field(None, ge=1)
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;

@@ -253,6 +253,45 @@ def test_the_context_gets_the_flash_attention_setting(small_settings, monkeypatc
         backend.close()
 
 
+@needs_llamacpp
+def test_weights_read_into_memory_or_mapped_give_the_same_logits(small_settings, monkeypatch):
+    """CHATGLM_LLAMA_LOAD reaches llama.cpp's model parameters ("read": LLAMA_LOAD_MODE_NONE, "mmap":
+    the file mapped, llama-server's default), and both compute the very same logits."""
+    import llama_cpp
+    import numpy as np
+
+    seen = []
+    load = llama_cpp.llama_model_load_from_file
+
+    def spy(path, params):
+        seen.append(params.load_mode)
+        return load(path, params)
+
+    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", spy)
+    rows = {}
+    for mode in ("read", "mmap"):
+        backend = llamacpp.LlamaCppBackend.from_settings(small_settings.model_copy(update={"llama_load": mode}))
+        try:
+            assert backend.load == mode
+            ids = backend.prompt_ids([Message(Role.USER, "Name a colour.")])
+            rows[mode] = [row.numpy() for row in backend.teacher_forced_logits(ids, len(ids) - 3)]
+        finally:
+            backend.close()
+    assert seen == [llama_cpp.LLAMA_LOAD_MODE_NONE, llama_cpp.LLAMA_LOAD_MODE_MMAP]
+    assert all(np.array_equal(a, b) for a, b in zip(rows["read"], rows["mmap"], strict=True))
+
+
+def test_auto_reads_a_file_that_fits_in_half_the_available_memory(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 1000)
+    assert llamacpp.load_mode("auto", gguf, available=2000) == "read"
+    assert llamacpp.load_mode("auto", gguf, available=1999) == "mmap"  # a big file stays shared and pageable
+    assert llamacpp.load_mode("auto", gguf, available=0) == "mmap"  # memory unknown (not Linux)
+    assert llamacpp.load_mode("auto", tmp_path / "missing.gguf", available=10**9) == "mmap"
+    assert llamacpp.load_mode("read", gguf, available=0) == "read"
+    assert llamacpp.load_mode("mmap", gguf, available=10**9) == "mmap"
+
+
 def llamacpp_run(backend, dec):
     from chatglm_core.backends.decoding import run_rows
 

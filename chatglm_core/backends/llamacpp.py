@@ -83,7 +83,8 @@ class LlamaCppBackend(LocalBackend):
 
     def __init__(self, gguf: Path, tokenizer: Any, fmt: Any, *, model_name: str, n_ctx: int | None = None,
                  n_threads: int | None = None, n_threads_batch: int | None = None, sequences: int = DEFAULT_SEQUENCES,
-                 flash_attn: bool | None = None, extra_buffers: bool | None = None, prefix_cache: bool = True) -> None:
+                 flash_attn: bool | None = None, extra_buffers: bool | None = None, prefix_cache: bool = True,
+                 load: str = "mmap") -> None:
         import llama_cpp
 
         _quiet_native_logs()
@@ -91,7 +92,8 @@ class LlamaCppBackend(LocalBackend):
         self.gguf = self.source_gguf = gguf  # the file computed with; the one the settings named
         self._ll = llama_cpp
         self.extra_buffers = use_extra_buffers("auto") if extra_buffers is None else extra_buffers
-        self._model = _load_model(gguf, self.extra_buffers)
+        self.load = load  # "read" or "mmap": how the weights are held (load_mode)
+        self._model = _load_model(gguf, self.extra_buffers, load)
         train_ctx = llama_cpp.llama_model_n_ctx_train(self._model)
         self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
         self.n_ctx = self.context_window * sequences
@@ -149,10 +151,11 @@ class LlamaCppBackend(LocalBackend):
         fmt = _format(gguf, tokenizer)
         name = EMBEDDED_NAME if settings.model_path is None else gguf.stem
         threads = cpu_threads(settings)
-        backend = cls(compute_file(gguf, settings), tokenizer, fmt, model_name=name, n_threads=threads,
+        computed = compute_file(gguf, settings)
+        backend = cls(computed, tokenizer, fmt, model_name=name, n_threads=threads,
                       n_threads_batch=threads, extra_buffers=use_extra_buffers(settings.llama_repack),
                       flash_attn={"auto": None, "on": True, "off": False}[settings.llama_flash_attn],
-                      prefix_cache=settings.prefix_cache)
+                      prefix_cache=settings.prefix_cache, load=load_mode(settings.llama_load, computed))
         backend.source_gguf = gguf
         backend.prefill_chunk = settings.prefill_chunk
         if backend.gguf != gguf:
@@ -373,13 +376,48 @@ def use_extra_buffers(mode: str, flags: set[str] | None = None) -> bool:
     return not any(f.startswith("amx") for f in flags)
 
 
-def _load_model(gguf: Path, extra_buffers: bool) -> Any:
+def load_mode(mode: str, gguf: Path, available: int | None = None) -> str:
+    """"read" or "mmap" for Settings.llama_load on this file.
+
+    Weights read into the process's memory decoded faster than the same file mapped (llama.cpp's and
+    llama-server's default): the embedded SmolLM2 at 2 threads here 9.3 against 10.8 ms a token,
+    interleaved in one process (benchmarks/bench_vs_llama_server.py shows it against llama-server's
+    both ways). A mapped file is shared by processes and paged in and out by the system, which a
+    file near the size of the memory needs, so "auto" reads a file that fits in half the memory
+    available and maps a bigger one (or when the available memory is unknown)."""
+    if mode != "auto":
+        return mode
+    available = _available_memory() if available is None else available
+    try:
+        size = gguf.stat().st_size
+    except OSError:
+        return "mmap"
+    return "read" if available and size <= available // 2 else "mmap"
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes; None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _load_model(gguf: Path, extra_buffers: bool, mode: str = "mmap") -> Any:
     import llama_cpp as ll
 
     ll.llama_backend_init()
     params = ll.llama_model_default_params()
     params.n_gpu_layers = 0
     params.use_extra_bufts = extra_buffers
+    if hasattr(params, "load_mode"):  # llama.cpp's llama_load_mode (llama-cpp-python 0.3.36)
+        params.load_mode = ll.LLAMA_LOAD_MODE_MMAP if mode == "mmap" else ll.LLAMA_LOAD_MODE_NONE
+    else:  # the older use_mmap flag
+        params.use_mmap = mode == "mmap"
     model = ll.llama_model_load_from_file(str(gguf).encode(), params)
     if not model:
         raise ConfigError(f"llama.cpp could not load {gguf}: is it a valid GGUF file of a supported architecture?")
