@@ -104,3 +104,35 @@ def test_a_batch_encode_gives_the_ids_of_each_piece_encoded_alone(fmt):
             expected += tok.encode(contents[key], add_special_tokens=False, split_special_tokens=True)
         expected += tok.encode(rendered, add_special_tokens=False)
         assert fmt.encode(messages, tools) == expected
+
+
+@pytest.mark.parametrize("bound", [4_000_000, 40])
+def test_a_next_turn_encodes_only_its_new_pieces(small_backend, monkeypatch, bound):
+    """The ids of pieces encoded before come from the format's cache: the next turn of a chat asks the
+    tokenizer for its new pieces only, and its ids equal a fresh format's, also when the cache is so
+    small that it evicts as it goes."""
+    from chatglm_core.formats import hf_template
+
+    monkeypatch.setattr(hf_template, "ENCODED_CACHE_CHARS", bound)
+    fmt, fresh = HFTemplateFormat(small_backend.tokenizer), HFTemplateFormat(small_backend.tokenizer)
+    asked: list[str] = []
+    tokenizer = fmt.tokenizer
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, **kw):
+            asked.extend(texts)
+            return tokenizer(texts, **kw)
+
+    fmt.tokenizer = Counting()
+    chat = [Message(Role.SYSTEM, "Be brief."), Message(Role.USER, "Name a colour."), Message(Role.ASSISTANT, "Blue.")]
+    for turn in range(3):
+        chat.append(Message(Role.USER, f"And another one, number {turn}?"))
+        asked.clear()
+        assert fmt.encode(chat) == fresh.encode(chat)
+        if turn and bound > 1000:
+            # the history came from the cache: only the last reply and the new question are tokenized
+            assert asked == [f"Colour {turn - 1}.", f"And another one, number {turn}?"], asked
+        chat.append(Message(Role.ASSISTANT, f"Colour {turn}."))

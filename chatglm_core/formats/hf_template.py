@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import uuid
 from typing import Any
 
@@ -36,6 +37,10 @@ def tools_system_text(tools: list[dict[str, Any]]) -> str:
 
 _PLACEHOLDER = re.compile(r"(PH[0-9a-f]{12}X\d+X)")  # HFTemplateFormat.render's placeholders
 
+#: characters of text whose ids HFTemplateFormat keeps (the oldest go first): a chat's next turn sends its
+#: history again, and its messages and the template's text between them are then not tokenized again
+ENCODED_CACHE_CHARS = 4_000_000
+
 
 class HFTemplateFormat:
     name = "hf"
@@ -52,6 +57,9 @@ class HFTemplateFormat:
                 stop.add(tid)
         self.stop_token_ids = sorted(i for i in stop if i is not None)
         self.stop_strings: list[str] = []
+        self._encoded: dict[tuple[bool, str], list[int]] = {}  # (split, text) -> ids, see _encode_all
+        self._encoded_chars = 0
+        self._encoded_lock = threading.Lock()
 
     # --- rendering --------------------------------------------------------------------------
     def render(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> tuple[str, dict[str, str]]:
@@ -112,9 +120,35 @@ class HFTemplateFormat:
         return ids
 
     def _encode_all(self, texts: list[str], *, split: bool) -> list[list[int]]:
+        """Each text's ids (never to be changed by the caller), encoded alone: texts encoded before come
+        from a cache, the rest in one batch call (a 40-message chat's next turn: ~1.2 ms of its ~1.9
+        ms of tokenizing went to the history). A piece's ids do not depend on its neighbours, so a
+        cached piece is what encoding it again gives."""
         if not texts:
             return []
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+        cache = self._encoded
+        got = {t: ids for t in texts if (ids := cache.get((split, t))) is not None}
+        missing = [t for t in dict.fromkeys(texts) if t not in got]
+        if missing:
+            fresh = self.tokenizer(missing, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+            for text, ids in zip(missing, fresh, strict=True):
+                got[text] = ids
+                self._remember((split, text), ids)
+        return [got[t] for t in texts]
+
+    def _remember(self, key: tuple[bool, str], ids: list[int]) -> None:
+        cache = self._encoded
+        if len(key[1]) > ENCODED_CACHE_CHARS // 4:
+            return
+        with self._encoded_lock:
+            if key in cache:
+                return
+            while cache and self._encoded_chars + len(key[1]) > ENCODED_CACHE_CHARS:
+                old = next(iter(cache))  # the oldest entry
+                del cache[old]
+                self._encoded_chars -= len(old[1])
+            cache[key] = ids
+            self._encoded_chars += len(key[1])
 
     # --- parsing ----------------------------------------------------------------------------
     def parse(self, text: str, *, tools: bool = False, interpreter: bool = False) -> Message:
