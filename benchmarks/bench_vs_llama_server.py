@@ -9,8 +9,10 @@ ours is `python -m chatglm_core.api` with its defaults; llama-server runs with i
 `-np 8` (8 slots, as our engine batches 8 rows), `-c` = 8 x our 4,096-token row (its default, the
 model's 8,192 tokens split over 8 slots, could not hold the 1.5k-token conversation twice over),
 `--no-repack` (issue 14: repacked weights crash on AMX CPUs; llama.cpp repacks only quantized
-types, so it changes nothing for the float16 file) and `-t` = our thread count. Both are driven
-by the official `openai` client, streaming, greedy:
+types, so it changes nothing for the float16 file) and `-t` = our thread count. Its default maps the
+file; ours reads a file this size into memory (`CHATGLM_LLAMA_LOAD=auto`), which decodes faster
+here: `--peer-load-mode none` gives llama-server the same. Both are driven by the official `openai`
+client, streaming, greedy:
 
 1. one stream, 128 tokens: decode tokens/s after the first token;
 2. 8 streams at once: aggregate tokens/s (all completion tokens / wall time), first token p50/p95;
@@ -275,6 +277,9 @@ def main() -> None:
                                                 "(default: ours's default, the physical cores)")
     ap.add_argument("--data-dir", default=os.environ.get("CHATGLM_DATA_DIR", "data"))
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER") or str(DEFAULT_LLAMA_SERVER))
+    ap.add_argument("--peer-load-mode", choices=["none", "mmap"],
+                    help="llama-server's --load-mode (default: its own, which maps the file); `none` reads the "
+                         "weights into its memory, as ours does by default for a file this size")
     args = ap.parse_args()
     binary = Path(args.llama_server)
     if not os.access(binary, os.X_OK):
@@ -291,8 +296,13 @@ def main() -> None:
                 "--log-level", "warning"]
     peer_cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(peer_port), "-np", "8",
                 "-c", str(8 * n_ctx), "--no-repack", "-t", str(threads)]
+    if args.peer_load_mode:
+        peer_cmd += ["--load-mode", args.peer_load_mode]
     print(f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), load average {os.getloadavg()[0]:.1f} at start; "
           f"{threads} thread(s) per step on both sides; file {gguf.name}; {args.runs} run(s), medians")
+    peer_load = {None: "mapped (its default)", "none": "read into memory (--load-mode none)",
+                 "mmap": "mapped (--load-mode mmap)"}[args.peer_load_mode]
+    print(f"weights: ours {_our_load_mode(gguf)} (CHATGLM_LLAMA_LOAD=auto), llama-server {peer_load}")
     with ExitStack() as stack:
         stack.enter_context(serving("our API server", ours_cmd, f"http://127.0.0.1:{ours_port}", env, "/health"))
         stack.enter_context(serving("llama-server", peer_cmd, f"http://127.0.0.1:{peer_port}", env, "/health"))
@@ -313,6 +323,12 @@ def main() -> None:
             for s in order:
                 tool_rounds(s, uuid.uuid4().hex[:12], args.turn_tokens)
     report(ours, peer, first_tokens)
+
+
+def _our_load_mode(gguf: Path) -> str:
+    from chatglm_core.backends import llamacpp
+
+    return {"read": "read into memory", "mmap": "mapped (mmap)"}[llamacpp.load_mode("auto", gguf)]
 
 
 def _cpu_model() -> str:

@@ -55,7 +55,7 @@ def test_bench_vs_llama_server_prints_every_row_with_both_figures(test_data_dir)
     # one thread a side: on a busy machine every step of a multi-threaded one waits for a core (minutes here)
     proc = subprocess.run([sys.executable, "benchmarks/bench_vs_llama_server.py", "--runs", "1", "--tokens", "6",
                            "--turn-tokens", "3", "--threads", "1", "--data-dir", str(test_data_dir),
-                           "--llama-server", LLAMA_SERVER],
+                           "--llama-server", LLAMA_SERVER, "--peer-load-mode", "none"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {cells[0]: cells[1:] for row in proc.stdout.splitlines() if row.startswith("| ")
@@ -68,3 +68,4 @@ def test_bench_vs_llama_server_prints_every_row_with_both_figures(test_data_dir)
         assert ratio.endswith("x") and float(ratio[:-1]) > 0
     assert ROWS[7] in table  # the cached-token counts (a number, or n/a where a server does not report it)
     assert "1 thread(s) per step on both sides" in proc.stdout
+    assert "weights: ours read into memory (CHATGLM_LLAMA_LOAD=auto), llama-server read into memory" in proc.stdout
