@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # how llama.cpp holds a GGUF's weights: "read" into the process's memory, "mmap" the file (llama-server's
     # default); "auto" reads a file that fits in half the memory available (see backends.llamacpp.load_mode)
     llama_load: Literal["auto", "read", "mmap"] = "auto"
+    # weights read into memory (llama_load) on 2 MiB transparent huge pages where Linux allows it ("auto");
+    # "off" leaves them on the system's default pages (backends.llamacpp.use_huge_pages)
+    llama_hugepages: Literal["auto", "off"] = "auto"
     # CPU threads for one model step; default the physical cores (see models.loader.default_threads)
     threads: int | None = Field(None, ge=1)
     # a prompt longer than this is prefilled this many tokens a step while other requests stream;

@@ -281,6 +281,49 @@ def test_weights_read_into_memory_or_mapped_give_the_same_logits(small_settings,
     assert all(np.array_equal(a, b) for a, b in zip(rows["read"], rows["mmap"], strict=True))
 
 
+def _thp_collapse_expected() -> bool:
+    """Linux 6.1+ with transparent huge pages not "never": MADV_COLLAPSE should work."""
+    import platform
+    import re
+    import sys
+
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    return sys.platform == "linux" and "[never]" not in mode and match is not None and \
+        (int(match[1]), int(match[2])) >= (6, 1)
+
+
+@needs_llamacpp
+def test_weights_read_into_memory_go_on_huge_pages_where_linux_allows(small_settings):
+    """CHATGLM_LLAMA_HUGEPAGES=auto collapses the weights read into memory into 2 MiB pages (the process's
+    AnonHugePages grow by as much); "off", or weights mapped from the file, leave the pages alone."""
+    def anon_huge_kib() -> int:
+        try:
+            with open("/proc/self/smaps_rollup") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+        except (OSError, StopIteration):
+            return 0
+
+    for load, pages, collapses in (("read", "auto", _thp_collapse_expected()), ("read", "off", False),
+                                   ("mmap", "auto", False)):
+        before = anon_huge_kib()
+        backend = llamacpp.LlamaCppBackend.from_settings(
+            small_settings.model_copy(update={"llama_load": load, "llama_hugepages": pages}))
+        try:
+            if collapses:  # the float16 SmolLM2: ~256 MiB of weights
+                assert backend.huge_page_bytes >= 200 << 20, (load, pages)
+                assert anon_huge_kib() - before >= backend.huge_page_bytes >> 10
+            else:
+                assert backend.huge_page_bytes == 0, (load, pages)
+            done = Engine(backend).complete([Message(Role.USER, "Hi")], GenerationOptions(temperature=0, max_new_tokens=3))
+            assert done.usage.completion_tokens >= 1
+        finally:
+            backend.close()
+
+
 def test_auto_reads_a_file_that_fits_in_half_the_available_memory(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"\0" * 1000)
