@@ -4,7 +4,8 @@
 
 The anchor is llama-cpp-python's low-level loop on the same float16 GGUF (an in-process stand-in
 for llama-bench's tg figure): one sequence, `llama_decode` of one token, llama.cpp's own greedy
-sampler in C, nothing else, with the weights held as our backend holds them (`CHATGLM_LLAMA_LOAD`).
+sampler in C, nothing else, with the weights held as our backend holds them (`CHATGLM_LLAMA_LOAD`,
+`CHATGLM_LLAMA_HUGEPAGES`).
 Ours is `Engine.stream` (greedy) on the llama.cpp backend: sampling on llama.cpp's logits, stop
 handling, detokenising, the hand-off to the caller's thread. Both decode after the same prompt;
 the two alternate, medians of tokens/s after the first token.
@@ -36,16 +37,21 @@ STORY = [Message(Role.USER, "Write a long story about a lighthouse keeper and a 
 class RawLoop:
     """llama.cpp's decode loop through llama-cpp-python's C API, nothing of ours in it."""
 
-    def __init__(self, gguf: Path, threads: int, load: str) -> None:
+    def __init__(self, gguf: Path, threads: int, load: str, huge_pages: bool) -> None:
         import llama_cpp as ll
+
+        from chatglm_core.backends.llamacpp import anon_regions, use_huge_pages
 
         self.ll = ll
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = 0
-        # the weights held as our backend holds them (CHATGLM_LLAMA_LOAD): read weights decode faster
-        # here, and this measures our per-token work, not how the file is held
+        # the weights held as our backend holds them (CHATGLM_LLAMA_LOAD, CHATGLM_LLAMA_HUGEPAGES): read
+        # weights on huge pages decode faster here, and this measures our per-token work, not the pages
         mparams.load_mode = ll.LLAMA_LOAD_MODE_MMAP if load == "mmap" else ll.LLAMA_LOAD_MODE_NONE
+        before = anon_regions()
         self.model = ll.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if huge_pages:
+            use_huge_pages(anon_regions() - before)
         cparams = ll.llama_context_default_params()
         cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = 4096, threads, threads
         self.n_batch = cparams.n_batch = 2048
@@ -139,8 +145,9 @@ def main() -> None:
                                  threads=threads)
         backend = LlamaCppBackend.from_settings(settings)
         engine = Engine(backend)
-        raw = RawLoop(backend.gguf, threads, backend.load)
-        print(f"weights {backend.load} on both sides", flush=True)
+        raw = RawLoop(backend.gguf, threads, backend.load, backend.huge_page_bytes > 0)
+        print(f"weights {backend.load}, {'on huge pages' if backend.huge_page_bytes else 'system pages'}, "
+              "on both sides", flush=True)
         prompt = backend.prompt_ids(STORY)
         ours, theirs = [], []
         for _ in range(args.runs):
