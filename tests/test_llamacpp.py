@@ -203,24 +203,29 @@ def test_extra_buffers_are_off_on_amx_cpus_unless_forced():
     assert llamacpp.use_extra_buffers("off", amd) is False
 
 
+def record_params(monkeypatch, function: str, field: str) -> list:
+    """The `field` of the params each call of llama_cpp.<function> gets (the call still runs)."""
+    import llama_cpp
+
+    seen, real = [], getattr(llama_cpp, function)
+
+    def spy(first, params):
+        seen.append(getattr(params, field))
+        return real(first, params)
+
+    monkeypatch.setattr(llama_cpp, function, spy)
+    return seen
+
+
 @needs_llamacpp
 @pytest.mark.parametrize(("cpuinfo", "mode", "expected"), [
     (SAPPHIRE_RAPIDS_CPUINFO, "auto", False), (AMD_CPUINFO, "auto", True),
     (AMD_CPUINFO, "off", False), (SAPPHIRE_RAPIDS_CPUINFO, "on", True)])
 def test_the_model_is_loaded_with_the_extra_buffer_choice(small_settings, monkeypatch, cpuinfo, mode, expected):
     """What llama.cpp itself receives: the model parameters' use_extra_bufts, as the CPU flags decide."""
-    import llama_cpp
-
-    seen = []
-    load = llama_cpp.llama_model_load_from_file
-
-    def spy(path, params):
-        seen.append(params.use_extra_bufts)
-        return load(path, params)
-
+    seen = record_params(monkeypatch, "llama_model_load_from_file", "use_extra_bufts")
     real_flags = llamacpp.cpu_flags
     monkeypatch.setattr(llamacpp, "cpu_flags", lambda text=None: real_flags(cpuinfo))  # this machine as that CPU
-    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", spy)
     settings = small_settings.model_copy(update={"gguf_weights": "native", "llama_repack": mode})
     backend = llamacpp.LlamaCppBackend.from_settings(settings)
     try:
@@ -236,14 +241,7 @@ def test_the_context_gets_the_flash_attention_setting(small_settings, monkeypatc
     context without it still decodes."""
     import llama_cpp
 
-    seen = []
-    init = llama_cpp.llama_init_from_model
-
-    def spy(model, params):
-        seen.append(params.flash_attn_type)
-        return init(model, params)
-
-    monkeypatch.setattr(llama_cpp, "llama_init_from_model", spy)
+    seen = record_params(monkeypatch, "llama_init_from_model", "flash_attn_type")
     backend = llamacpp.LlamaCppBackend.from_settings(small_settings.model_copy(update={"llama_flash_attn": mode}))
     try:
         assert seen == [getattr(llama_cpp, f"LLAMA_FLASH_ATTN_TYPE_{expected}")]
@@ -260,14 +258,7 @@ def test_weights_read_into_memory_or_mapped_give_the_same_logits(small_settings,
     import llama_cpp
     import numpy as np
 
-    seen = []
-    load = llama_cpp.llama_model_load_from_file
-
-    def spy(path, params):
-        seen.append(params.load_mode)
-        return load(path, params)
-
-    monkeypatch.setattr(llama_cpp, "llama_model_load_from_file", spy)
+    seen = record_params(monkeypatch, "llama_model_load_from_file", "load_mode")
     rows = {}
     for mode in ("read", "mmap"):
         backend = llamacpp.LlamaCppBackend.from_settings(small_settings.model_copy(update={"llama_load": mode}))
