@@ -94,11 +94,12 @@ class LlamaCppBackend(LocalBackend):
         self._ll = llama_cpp
         self.extra_buffers = use_extra_buffers("auto") if extra_buffers is None else extra_buffers
         self.load = load  # "read" or "mmap": how the weights are held (load_mode)
-        before = anon_regions() if huge_pages and load == "read" else set()
+        collapse = huge_pages and load == "read"
+        before = anon_regions() if collapse else set()
         self._model = _load_model(gguf, self.extra_buffers, load)
         # the weights just read on huge pages (the memory mapped while loading; not the KV cache: a
         # step reads all of the weights and little of the cache, and collapsing it took ~0.7 s more)
-        self.huge_page_bytes = use_huge_pages(anon_regions() - before) if before else 0
+        self.huge_page_bytes = use_huge_pages(anon_regions() - before) if collapse else 0
         if self.huge_page_bytes:
             log.info("llama.cpp: %d MiB of weights on huge pages", self.huge_page_bytes >> 20)
         train_ctx = llama_cpp.llama_model_n_ctx_train(self._model)
@@ -388,9 +389,9 @@ def load_mode(mode: str, gguf: Path, available: int | None = None) -> str:
     """"read" or "mmap" for Settings.llama_load on this file.
 
     Weights read into the process's memory decoded faster than the same file mapped (llama.cpp's and
-    llama-server's default): the embedded SmolLM2 at 2 threads here 9.3 against 10.8 ms a token,
-    interleaved in one process (benchmarks/bench_vs_llama_server.py shows it against llama-server's
-    both ways). A mapped file is shared by processes and paged in and out by the system, which a
+    llama-server's default): the embedded SmolLM2 at 2 threads here, one stream through the API
+    1.055-1.086x (two of our servers, interleaved), a token in one process 9.3-9.6 against 9.7-10.8 ms
+    (benchmarks/bench_vs_llama_server.py shows it against llama-server's both ways). A mapped file is shared by processes and paged in and out by the system, which a
     file near the size of the memory needs, so "auto" reads a file that fits in half the memory
     available and maps a bigger one (or when the available memory is unknown)."""
     if mode != "auto":
@@ -443,8 +444,8 @@ def use_huge_pages(regions: set[tuple[int, int]]) -> int:
 
     Why by hand: llama.cpp allocates its CPU buffers with plain malloc, which gets 4 KiB pages unless
     the system's THP setting is "always" (this machine's is "madvise", a common default). With 2 MiB
-    pages the same weights decoded and prefilled faster here (1,500-token prefill 3.42 against 3.63 s,
-    one token 9.43 against 9.56 ms, interleaved in one process): fewer TLB misses while streaming
+    pages the same weights decoded faster here (one stream through the API 1.037x, a token in one
+    process 9.43 against 9.56 ms; a prefill moved within the noise): fewer TLB misses while streaming
     hundreds of megabytes a token, which costs most in a VM (two-level page walks)."""
     if sys.platform != "linux" or not regions:
         return 0
