@@ -97,9 +97,11 @@ def kernels_started(proc: subprocess.Popen, data: Path) -> bool:
 
 
 def model_mapped(proc: subprocess.Popen) -> bool:
-    """Whether the server has the model's weights open (llama.cpp maps the .gguf, transformers its folder)."""
+    """Whether the server has loaded the model: llama.cpp's library is in its memory (llama_cpp is imported
+    only to load a model, whose weights it reads into memory by default, CHATGLM_LLAMA_LOAD) or it has the
+    weights mapped (a mapped .gguf, transformers' safetensors)."""
     maps = Path(f"/proc/{proc.pid}/maps").read_text()
-    return bool(re.search(r"\.(gguf|safetensors)\s*$", maps, re.M))
+    return bool(re.search(r"(/libllama\.so[.\d]*|\.gguf|\.safetensors)\s*$", maps, re.M))
 
 
 # --- page helpers ---------------------------------------------------------------------------------
