@@ -8,6 +8,7 @@ is reported as one clear line.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(settings, engine)
+    # What is loaded now (torch, transformers, the model's Python side: ~250k objects) lives as long as the
+    # server. Out of the cyclic collector's sight, a full collection takes ~0 instead of ~120 ms here, a
+    # pause that would otherwise land on some request's tokens.
+    gc.freeze()
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
