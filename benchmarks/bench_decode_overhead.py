@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,21 +38,15 @@ STORY = [Message(Role.USER, "Write a long story about a lighthouse keeper and a 
 class RawLoop:
     """llama.cpp's decode loop through llama-cpp-python's C API, nothing of ours in it."""
 
-    def __init__(self, gguf: Path, threads: int, load: str, huge_pages: bool) -> None:
+    def __init__(self, backend: Any, threads: int) -> None:
         import llama_cpp as ll
 
-        from chatglm_core.backends.llamacpp import anon_regions, use_huge_pages
+        from chatglm_core.backends.llamacpp import load_weights
 
         self.ll = ll
-        mparams = ll.llama_model_default_params()
-        mparams.n_gpu_layers = 0
         # the weights held as our backend holds them (CHATGLM_LLAMA_LOAD, CHATGLM_LLAMA_HUGEPAGES): read
         # weights on huge pages decode faster here, and this measures our per-token work, not the pages
-        mparams.load_mode = ll.LLAMA_LOAD_MODE_MMAP if load == "mmap" else ll.LLAMA_LOAD_MODE_NONE
-        before = anon_regions()
-        self.model = ll.llama_model_load_from_file(str(gguf).encode(), mparams)
-        if huge_pages:
-            use_huge_pages(anon_regions() - before)
+        self.model, _ = load_weights(backend.gguf, backend.extra_buffers, backend.load, backend.huge_page_bytes > 0)
         cparams = ll.llama_context_default_params()
         cparams.n_ctx, cparams.n_threads, cparams.n_threads_batch = 4096, threads, threads
         self.n_batch = cparams.n_batch = 2048
@@ -145,7 +140,7 @@ def main() -> None:
                                  threads=threads)
         backend = LlamaCppBackend.from_settings(settings)
         engine = Engine(backend)
-        raw = RawLoop(backend.gguf, threads, backend.load, backend.huge_page_bytes > 0)
+        raw = RawLoop(backend, threads)
         print(f"weights {backend.load}, {'on huge pages' if backend.huge_page_bytes else 'system pages'}, "
               "on both sides", flush=True)
         prompt = backend.prompt_ids(STORY)

@@ -94,14 +94,7 @@ class LlamaCppBackend(LocalBackend):
         self._ll = llama_cpp
         self.extra_buffers = use_extra_buffers("auto") if extra_buffers is None else extra_buffers
         self.load = load  # "read" or "mmap": how the weights are held (load_mode)
-        collapse = huge_pages and load == "read"
-        before = anon_regions() if collapse else set()
-        self._model = _load_model(gguf, self.extra_buffers, load)
-        # the weights just read on huge pages (the memory mapped while loading; not the KV cache: a
-        # step reads all of the weights and little of the cache, and collapsing it took ~0.7 s more)
-        self.huge_page_bytes = use_huge_pages(anon_regions() - before) if collapse else 0
-        if self.huge_page_bytes:
-            log.info("llama.cpp: %d MiB of weights on huge pages", self.huge_page_bytes >> 20)
+        self._model, self.huge_page_bytes = load_weights(gguf, self.extra_buffers, load, huge_pages)
         train_ctx = llama_cpp.llama_model_n_ctx_train(self._model)
         self.context_window = n_ctx or min(train_ctx, DEFAULT_N_CTX)  # per row
         self.n_ctx = self.context_window * sequences
@@ -465,6 +458,21 @@ def use_huge_pages(regions: set[tuple[int, int]]) -> int:
         done += HUGE_PAGE * sum(madvise(chunk, HUGE_PAGE, MADV_COLLAPSE) == 0
                                 for chunk in range(first, end - HUGE_PAGE + 1, HUGE_PAGE))
     return done
+
+
+def load_weights(gguf: Path, extra_buffers: bool, mode: str, huge_pages: bool) -> tuple[Any, int]:
+    """(the llama.cpp model, bytes of it on huge pages): the file loaded as `mode` says, and with
+    `huge_pages` the weights of a "read" load collapsed onto huge pages (the memory mapped while
+    loading; not the KV cache, made later: a step reads all of the weights and little of the cache,
+    and collapsing it too took ~0.7 s more). Our backend and bench_decode_overhead's raw loop hold
+    their weights alike through this."""
+    collapse = huge_pages and mode == "read"
+    before = anon_regions() if collapse else set()
+    model = _load_model(gguf, extra_buffers, mode)
+    moved = use_huge_pages(anon_regions() - before) if collapse else 0
+    if moved:
+        log.info("llama.cpp: %d MiB of weights on huge pages", moved >> 20)
+    return model, moved
 
 
 def _load_model(gguf: Path, extra_buffers: bool, mode: str = "mmap") -> Any:
