@@ -96,7 +96,7 @@ def kernels_started(proc: subprocess.Popen, data: Path) -> bool:
     return (data / "sandboxes").exists() or bool(descendants(proc.pid))
 
 
-def model_mapped(proc: subprocess.Popen) -> bool:
+def model_loaded(proc: subprocess.Popen) -> bool:
     """Whether the server has loaded the model: llama.cpp's library is in its memory (llama_cpp is imported
     only to load a model, whose weights it reads into memory by default, CHATGLM_LLAMA_LOAD) or it has the
     weights mapped (a mapped .gguf, transformers' safetensors)."""
@@ -196,7 +196,7 @@ def test_two_accounts_in_the_browser(server, browsers):
         assert not css(anon, '[data-testid="stChatInputTextArea"]')
         assert not css(anon, '[data-testid="stSidebarNavLink"]')
     shot(anon, "accounts-login-form")
-    assert not kernels_started(proc, data) and not model_mapped(proc)
+    assert not kernels_started(proc, data) and not model_loaded(proc)
 
     # 2. alice logs in and chats; a refresh keeps her logged in (the session cookie) and her conversation
     alice = browsers("alice")
@@ -204,7 +204,7 @@ def test_two_accounts_in_the_browser(server, browsers):
     log_in_and_wait(alice, "alice")
     shown = send(alice, "My secret word is PINEAPPLE.", expect=2)
     assert "cid=" not in alice.current_url
-    assert model_mapped(proc)  # the check above could have seen a loaded model
+    assert model_loaded(proc)  # the check above could have seen a loaded model
     alice.refresh()
     wait_for(alice, lambda d: chat_ready(d) and messages(d) == shown, "alice's conversation after a refresh")
     assert not login_form(alice)
@@ -287,7 +287,7 @@ def test_on_0000_without_accounts_the_app_refuses(open_server, browsers):
     assert "CHATGLM_ALLOW_ANONYMOUS" in error and "chatglm_core.users add" in error
     assert not css(driver, '[data-testid="stChatInputTextArea"]') and not css(driver, "input")
     shot(driver, "accounts-refused")
-    assert not kernels_started(proc, data) and not model_mapped(proc)
+    assert not kernels_started(proc, data) and not model_loaded(proc)
     assert "refuses to serve" in log.read_text()
 
 

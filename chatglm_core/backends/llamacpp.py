@@ -245,8 +245,8 @@ class LlamaCppBackend(LocalBackend):
             self.seqs.fed(chunk)
             for i, (_, _, _, logits) in enumerate(chunk):
                 if logits:  # picked or copied now: the next decode overwrites llama.cpp's buffer
-                    index = order[start + i]
-                    got.append((index, self._logits_row(i).copy() if pick is None else pick(index, self._logits_row(i))))
+                    index, row = order[start + i], self._logits_row(i)
+                    got.append((index, row.copy() if pick is None else pick(index, row)))
         got.sort(key=lambda g: g[0])
         return [row for _, row in got]
 
@@ -384,9 +384,10 @@ def load_mode(mode: str, gguf: Path, available: int | None = None) -> str:
     Weights read into the process's memory decoded faster than the same file mapped (llama.cpp's and
     llama-server's default): the embedded SmolLM2 at 2 threads here, one stream through the API
     1.055-1.086x (two of our servers, interleaved), a token in one process 9.3-9.6 against 9.7-10.8 ms
-    (benchmarks/bench_vs_llama_server.py shows it against llama-server's both ways). A mapped file is shared by processes and paged in and out by the system, which a
-    file near the size of the memory needs, so "auto" reads a file that fits in half the memory
-    available and maps a bigger one (or when the available memory is unknown)."""
+    (benchmarks/bench_vs_llama_server.py shows it against llama-server's both ways). A mapped file is
+    shared by processes and paged in and out by the system, which a file near the size of the memory
+    needs, so "auto" reads a file that fits in half the memory available and maps a bigger one (or
+    when the available memory is unknown)."""
     if mode != "auto":
         return mode
     available = _available_memory() if available is None else available
