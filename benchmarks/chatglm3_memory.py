@@ -57,7 +57,10 @@ def sizes(config: dict) -> dict:
     }
 
 
-def make_checkpoint(folder: Path, config: dict, shards: int) -> int:
+def make_checkpoint(folder: Path, config: dict, shards: int, device: str = "cpu", fmt: str = "bin") -> int:
+    """Random float16 weights under ChatGLM3's state-dict names, in `shards` files of `fmt` ("bin":
+    pytorch_model-*.bin, "safetensors": model-*.safetensors; the real checkpoint ships both), drawn on
+    `device` (a GPU draws 12.5 GB in seconds, 16 CPU cores took minutes)."""
     import shutil
 
     import torch
@@ -79,14 +82,20 @@ def make_checkpoint(folder: Path, config: dict, shards: int) -> int:
                    p + "mlp.dense_h_to_4h.weight": (2 * f, h), p + "mlp.dense_4h_to_h.weight": (h, f)}
     keys, weight_map, total = list(shapes), {}, 0
     for s in range(shards):
-        name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
-        part = {k: torch.randn(shapes[k], dtype=torch.float16) * 0.02 for k in keys[s::shards]}
+        part = {k: (torch.randn(shapes[k], dtype=torch.float16, device=device) * 0.02).cpu() for k in keys[s::shards]}
         total += sum(t.numel() * 2 for t in part.values())
-        torch.save(part, folder / name)
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+        else:
+            name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+            torch.save(part, folder / name)
         weight_map |= dict.fromkeys(part, name)
         del part
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                     "weight_map": weight_map}))
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(config))
     shutil.copy(Path(__file__).resolve().parents[1] / "tests/fixtures/chatglm3-tiny/tokenizer.model", folder)
     return total

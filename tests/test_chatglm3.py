@@ -321,6 +321,19 @@ def test_bad_options_say_what_to_fix(tmp_path):
         load_chatglm3(FIXTURE, dtype="float16", device="cpu", quantize="4bit")
 
 
+def test_transformers_without_split_says_which_version(monkeypatch):
+    """transformers 5.0-5.19 cannot split ChatGLM3's fused q/k/v into parts of unequal size (a GPU
+    machine's transformers 5.17 failed with a bare ImportError): the loader names the version to install."""
+    import transformers.core_model_loading as loading
+
+    from chatglm_core.models import chatglm3
+
+    monkeypatch.setattr(chatglm3, "_MODEL_CLASS", None)
+    monkeypatch.delattr(loading, "Split")
+    with pytest.raises(ConfigError, match=r"transformers>=5\.20"):
+        load_chatglm3(FIXTURE, dtype="float32", device="cpu")
+
+
 cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
 
 
