@@ -27,9 +27,13 @@ client, streaming, greedy:
    that declare them, and SmolLM2's does not, so its prompt has no tool list and no call (~77
    tokens, against our ~400 with the tools described in the system prompt).
 
-The sides alternate in each run (which goes first swaps every run) and each figure is the median
-over the runs. The ratio is always speed, ours over theirs: above 1.0 we are faster. Speed is
-reported, never asserted (tests/test_benchmarks.py runs this end to end on a few tokens).
+The sides alternate in each run (which goes first swaps every run; rows 3-4 take `--turn-samples`
+conversations a run, the first side swapping each time) and each figure is the median over all
+samples. The ratio is always speed, ours over theirs: above 1.0 we are faster. The last column pairs
+each of our samples with llama-server's taken next to it and counts the pairs we won: a ratio near
+1.0 that wins 3 of 15 is a loss, one that wins 12 of 15 a win, whatever the drift between minutes
+(up to 10 % here). Speed is reported, never asserted (tests/test_benchmarks.py runs this end to end
+on a few tokens).
 """
 
 from __future__ import annotations
@@ -236,20 +240,30 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
+def wins(mine: list[float], theirs: list[float], rate: bool) -> str:
+    """'k of n': the side-by-side samples where ours was faster; blank for a percentile row (one figure)."""
+    if len(mine) != len(theirs) or len(mine) < 2:
+        return ""
+    won = sum((a > b) if rate else (a < b) for a, b in zip(mine, theirs))
+    return f"{won} of {len(mine)}"
+
+
 def report(ours: Side, peer: Side, first_tokens: dict[str, list[float]]) -> None:
     for s in (ours, peer):
         s.figures[ROWS[2]] = [pct(first_tokens.get(s.name, []), 0.5)]
         s.figures[ROWS[3]] = [pct(first_tokens.get(s.name, []), 0.95)]
-    print("\n| measure | ours (defaults) | llama-server (defaults, -np 8) | ratio (speed, ours/theirs) |")
-    print("|---|---|---|---|")
+    print("\n| measure | ours (defaults) | llama-server (defaults, -np 8) | ratio (speed, ours/theirs) "
+          "| ours faster in |")
+    print("|---|---|---|---|---|")
     for row in ROWS[:7]:
-        a, b = median(ours.figures.get(row, [])), median(peer.figures.get(row, []))
+        mine, theirs = ours.figures.get(row, []), peer.figures.get(row, [])
+        a, b = median(mine), median(theirs)
         rate = row in ROWS[:2]
         unit = (lambda v: f"{v:.1f} tok/s") if rate else (lambda v: f"{v * 1000:.0f} ms")
         ratio = a / b if rate else b / a
-        print(f"| {row} | {unit(a)} | {unit(b)} | {ratio:.2f}x |", flush=True)
+        print(f"| {row} | {unit(a)} | {unit(b)} | {ratio:.2f}x | {wins(mine, theirs, rate)} |", flush=True)
     counts = [", ".join(f"{'n/a' if c is None else c} of {n}" for c, n in s.cached) for s in (ours, peer)]
-    print(f"| {ROWS[7]} | {counts[0]} | {counts[1]} | |", flush=True)
+    print(f"| {ROWS[7]} | {counts[0]} | {counts[1]} | | |", flush=True)
     print(f"(the conversation's first turn: {ours.prompt_tokens} prompt tokens as we count them, "
           f"{peer.prompt_tokens} as llama-server does)")
 
@@ -273,6 +287,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128, help="tokens per reply in the stream rows")
     ap.add_argument("--turn-tokens", type=int, default=32, help="tokens per reply in the conversation and tool rows")
+    ap.add_argument("--turn-samples", type=int, default=3, help="conversations per run in the first/next-turn rows")
     ap.add_argument("--threads", type=int, help="CHATGLM_THREADS for ours and -t for llama-server "
                                                 "(default: ours's default, the physical cores)")
     ap.add_argument("--data-dir", default=os.environ.get("CHATGLM_DATA_DIR", "data"))
@@ -318,8 +333,9 @@ def main() -> None:
                 one_stream(s, args.tokens)
             for s in order:
                 eight_streams(s, args.tokens, first_tokens)
-            for s in order:
-                conversation_turns(s, uuid.uuid4().hex[:12], args.turn_tokens)
+            for k in range(args.turn_samples):
+                for s in order if k % 2 == 0 else order[::-1]:
+                    conversation_turns(s, uuid.uuid4().hex[:12], args.turn_tokens)
             for s in order:
                 tool_rounds(s, uuid.uuid4().hex[:12], args.turn_tokens)
     report(ours, peer, first_tokens)

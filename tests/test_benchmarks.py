@@ -54,18 +54,21 @@ def test_bench_vs_llama_server_prints_every_row_with_both_figures(test_data_dir)
            if not k.startswith(("CHATGLM_", "MODEL_PATH")) or k == "CHATGLM_THREADS"}  # the Makefile's
     # one thread a side: on a busy machine every step of a multi-threaded one waits for a core (minutes here)
     proc = subprocess.run([sys.executable, "benchmarks/bench_vs_llama_server.py", "--runs", "1", "--tokens", "6",
-                           "--turn-tokens", "3", "--threads", "1", "--data-dir", str(test_data_dir),
+                           "--turn-tokens", "3", "--turn-samples", "2", "--threads", "1", "--data-dir", str(test_data_dir),
                            "--llama-server", LLAMA_SERVER, "--peer-load-mode", "none"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {cells[0]: cells[1:] for row in proc.stdout.splitlines() if row.startswith("| ")
              for cells in [[c.strip() for c in row.strip("|").split("|")]]}
     for row in ROWS[:7]:
-        ours, theirs, ratio = table[row]
+        ours, theirs, ratio, won = table[row]
         for figure in (ours, theirs):
             value, unit = figure.split(" ", 1)
             assert float(value) > 0 and unit in ("tok/s", "ms"), (row, figure)
         assert ratio.endswith("x") and float(ratio[:-1]) > 0
+        if row in ROWS[4:6]:  # two conversations in the one run: two side-by-side pairs
+            k, of, n = won.split()
+            assert of == "of" and n == "2" and 0 <= int(k) <= 2, (row, won)
     assert ROWS[7] in table  # the cached-token counts (a number, or n/a where a server does not report it)
     assert "1 thread(s) per step on both sides" in proc.stdout
     assert "weights: ours read into memory (CHATGLM_LLAMA_LOAD=auto), llama-server read into memory" in proc.stdout
