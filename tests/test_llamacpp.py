@@ -315,6 +315,25 @@ def test_weights_read_into_memory_go_on_huge_pages_where_linux_allows(small_sett
             backend.close()
 
 
+@pytest.mark.skipif(not _thp_collapse_expected(), reason="needs Linux 6.1+ (MADV_COLLAPSE) with THP not 'never'")
+def test_a_refused_region_does_not_undo_the_others():
+    """A region the kernel refuses (here: not mapped at all, and first in address order) is passed over;
+    before, it made use_huge_pages report 0 for regions it had not even tried."""
+    import ctypes
+    import mmap
+
+    size = 8 * llamacpp.HUGE_PAGE
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        area.write(b"x" * size)  # fault every page in
+        start = ctypes.addressof(ctypes.c_char.from_buffer(area))
+        unmapped = (llamacpp.HUGE_PAGE, 2 * llamacpp.HUGE_PAGE)  # the lowest 2-4 MiB: never mapped
+        moved = llamacpp.use_huge_pages({unmapped, (start, start + size)})
+        assert moved >= size - 2 * llamacpp.HUGE_PAGE  # all but the unaligned ends of the good region
+    finally:
+        area.close()
+
+
 def test_auto_reads_a_file_that_fits_in_half_the_available_memory(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"\0" * 1000)

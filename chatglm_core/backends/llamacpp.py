@@ -452,7 +452,7 @@ def use_huge_pages(regions: set[tuple[int, int]]) -> int:
     done = 0
     for start, end in sorted(regions):
         if madvise(start, end - start, MADV_HUGEPAGE) != 0:
-            return 0  # THP "never" or not built in: nothing else will work either
+            continue  # THP "never" or not built in (then every region is refused), or this region alone
         first = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
         # chunk by chunk: a refused chunk (not all of it mapped yet, say) leaves the others; a kernel
         # without MADV_COLLAPSE refuses them all (EINVAL), which costs microseconds
