@@ -6,6 +6,7 @@ The embedded SmolLM2 is dequantized once into a cache directory shared by the wh
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import threading
@@ -19,6 +20,15 @@ from chatglm_core.backends.base import GenerationOptions
 from chatglm_core.messages import Done, Message, Role, TextDelta, Usage
 
 TEST_DATA = Path(os.environ.get("CHATGLM_TEST_DATA", "/tmp/chatglm-test-data"))
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_after_each_test() -> Iterator[None]:
+    """The app freezes what it holds once its model is loaded (webui/state.py, gc.freeze): in a server that
+    is what lives as long as the process, in this one it is whatever the test held, which the collector
+    must see again once the test is over (a model in a reference cycle would be kept for good)."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")
