@@ -126,8 +126,8 @@ def synthetic_chatglm3(folder: Path) -> str:
         start = time.perf_counter()
         size = make_checkpoint(folder, CHATGLM3_6B, shards=7, device="cuda" if torch.cuda.is_available() else "cpu",
                                fmt="safetensors")
-        print(f"wrote a {size / 1e9:.1f} GB random-weight ChatGLM3-6B checkpoint in {time.perf_counter() - start:.0f} s",
-              flush=True)
+        took = time.perf_counter() - start
+        print(f"wrote a {size / 1e9:.1f} GB random-weight ChatGLM3-6B checkpoint in {took:.0f} s", flush=True)
     return str(folder)
 
 

@@ -119,8 +119,8 @@ def _model_class():
         from transformers.conversion_mapping import register_checkpoint_conversion_mapping
         from transformers.core_model_loading import Split, WeightConverter, WeightRenaming
     except ImportError:  # Split (one fused tensor into parts of unequal size) arrived in transformers 5.20
-        raise ConfigError(f"loading a ChatGLM3 checkpoint needs transformers>=5.20 (this is {transformers.__version__}): "
-                          "pip install -U 'transformers>=5.20,<6'") from None
+        raise ConfigError("loading a ChatGLM3 checkpoint needs transformers>=5.20 (this is "
+                          f"{transformers.__version__}): pip install -U 'transformers>=5.20,<6'") from None
 
     class ChatGLM3ForCausalLM(GlmForCausalLM):
         # ChatGLM3 stores its rotary frequencies; GLM recomputes them
