@@ -113,9 +113,9 @@ def _model_class():
     if _MODEL_CLASS is not None:
         return _MODEL_CLASS
     import transformers
-    from transformers import GlmForCausalLM
 
     try:
+        from transformers import GlmForCausalLM
         from transformers.conversion_mapping import register_checkpoint_conversion_mapping
         from transformers.core_model_loading import Split, WeightConverter, WeightRenaming
     except ImportError:  # Split (one fused tensor into parts of unequal size) arrived in transformers 5.20
