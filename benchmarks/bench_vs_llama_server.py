@@ -27,13 +27,16 @@ client, streaming, greedy:
    that declare them, and SmolLM2's does not, so its prompt has no tool list and no call (~77
    tokens, against our ~400 with the tools described in the system prompt).
 
-The sides alternate in each run (which goes first swaps every run; rows 3-4 take `--turn-samples`
-conversations a run, the first side swapping each time) and each figure is the median over all
-samples. The ratio is always speed, ours over theirs: above 1.0 we are faster. The last column pairs
-each of our samples with llama-server's taken next to it and counts the pairs we won: a ratio near
-1.0 that wins 3 of 15 is a loss, one that wins 12 of 15 a win, whatever the drift between minutes
-(up to 10 % here). Speed is reported, never asserted (tests/test_benchmarks.py runs this end to end
-on a few tokens).
+Each run starts both servers afresh: a server process keeps its speed for its whole lifetime, a
+few per cent off another process of the same code, so pairs taken from one pair of processes can all
+lean one way (here one A/B of two of our servers won a cold turn 8 of 8 pairs, and 1 of 8 when
+repeated with fresh processes; two bench runs minutes apart had our cold turn win 2 of 15 pairs, then
+14 of 15). The sides alternate in each run (which goes first swaps every run; rows 3-4 take
+`--turn-samples` conversations a run, the first side swapping each time) and each figure is the
+median over all samples. The ratio is always speed, ours over theirs: above 1.0 we are faster. The
+last column pairs each of our samples with llama-server's taken next to it and counts the pairs we
+won. Speed is reported, never asserted (tests/test_benchmarks.py runs this end to end on a few
+tokens).
 """
 
 from __future__ import annotations
@@ -124,8 +127,8 @@ def serving(name: str, cmd: list[str], url: str, env: dict[str, str], health: st
 @dataclass
 class Side:
     name: str
-    client: openai.OpenAI
-    model: str
+    client: openai.OpenAI | None = None  # the running server's (connect)
+    model: str = ""
     figures: dict[str, list[float]] = field(default_factory=dict)
     cached: list[tuple[int | None, int]] = field(default_factory=list)  # tool rounds: (cached, prompt tokens)
     prompt_tokens: int = 0  # of the conversation's first turn, as the server counts them
@@ -134,9 +137,10 @@ class Side:
         self.figures.setdefault(row, []).append(value)
 
 
-def side(name: str, url: str) -> Side:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
-    return Side(name, client, client.models.list().data[0].id)
+def connect(s: Side, url: str) -> None:
+    """Point `s` at a (freshly started) server."""
+    s.client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    s.model = s.client.models.list().data[0].id
 
 
 # --- one streamed request ------------------------------------------------------------------
@@ -306,28 +310,35 @@ def main() -> None:
         env["CHATGLM_THREADS"] = str(args.threads)
         os.environ["CHATGLM_THREADS"] = str(args.threads)
     gguf, n_ctx, threads = model_file(data_dir)
-    ours_port, peer_port = free_port(), free_port()
-    ours_cmd = [sys.executable, "-m", "chatglm_core.api", "--port", str(ours_port), "--data-dir", str(data_dir),
+
+    def ours_cmd(port: int) -> list[str]:
+        return [sys.executable, "-m", "chatglm_core.api", "--port", str(port), "--data-dir", str(data_dir),
                 "--log-level", "warning"]
-    peer_cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(peer_port), "-np", "8",
-                "-c", str(8 * n_ctx), "--no-repack", "-t", str(threads)]
-    if args.peer_load_mode:
-        peer_cmd += ["--load-mode", args.peer_load_mode]
+
+    def peer_cmd(port: int) -> list[str]:
+        cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "8",
+               "-c", str(8 * n_ctx), "--no-repack", "-t", str(threads)]
+        return cmd + (["--load-mode", args.peer_load_mode] if args.peer_load_mode else [])
+
     print(f"machine: {os.cpu_count()} CPUs ({_cpu_model()}), load average {os.getloadavg()[0]:.1f} at start; "
           f"{threads} thread(s) per step on both sides; file {gguf.name}; {args.runs} run(s), medians")
     peer_load = {None: "mapped (its default)", "none": "read into memory (--load-mode none)",
                  "mmap": "mapped (--load-mode mmap)"}[args.peer_load_mode]
     print(f"weights: ours {_our_load_mode(gguf)} (CHATGLM_LLAMA_LOAD=auto), llama-server {peer_load}")
-    with ExitStack() as stack:
-        stack.enter_context(serving("our API server", ours_cmd, f"http://127.0.0.1:{ours_port}", env, "/health"))
-        stack.enter_context(serving("llama-server", peer_cmd, f"http://127.0.0.1:{peer_port}", env, "/health"))
-        ours = side("ours", f"http://127.0.0.1:{ours_port}")
-        peer = side("llama-server", f"http://127.0.0.1:{peer_port}")
-        for s in (ours, peer):  # warm-up: first-request costs (grammar compilers, page cache) are not the measure
-            stream(s, [{"role": "user", "content": "Hi"}], 4)
-            stream(s, [{"role": "user", "content": "Hi"}], 4, tools=TOOLS)
-        first_tokens: dict[str, list[float]] = {}
-        for run in range(args.runs):
+    ours, peer = Side("ours"), Side("llama-server")
+    first_tokens: dict[str, list[float]] = {}
+    for run in range(args.runs):
+        # both servers start afresh each run (see the module's docstring)
+        with ExitStack() as stack:
+            for s, cmd, health in ((ours, ours_cmd, "/health"), (peer, peer_cmd, "/health")):
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                stack.enter_context(serving("our API server" if s is ours else "llama-server", cmd(port), url, env,
+                                            health))
+                connect(s, url)
+            for s in (ours, peer):  # warm-up: first-request costs (grammar compilers, page cache) are not the measure
+                stream(s, [{"role": "user", "content": "Hi"}], 4)
+                stream(s, [{"role": "user", "content": "Hi"}], 4, tools=TOOLS)
             order = (ours, peer) if run % 2 == 0 else (peer, ours)
             for s in order:
                 one_stream(s, args.tokens)
