@@ -330,11 +330,10 @@ def main() -> None:
     for run in range(args.runs):
         # both servers start afresh each run (see the module's docstring)
         with ExitStack() as stack:
-            for s, cmd, health in ((ours, ours_cmd, "/health"), (peer, peer_cmd, "/health")):
+            for s, label, cmd in ((ours, "our API server", ours_cmd), (peer, "llama-server", peer_cmd)):
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
-                stack.enter_context(serving("our API server" if s is ours else "llama-server", cmd(port), url, env,
-                                            health))
+                stack.enter_context(serving(label, cmd(port), url, env, "/health"))
                 connect(s, url)
             for s in (ours, peer):  # warm-up: first-request costs (grammar compilers, page cache) are not the measure
                 stream(s, [{"role": "user", "content": "Hi"}], 4)

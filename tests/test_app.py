@@ -94,7 +94,6 @@ def greedy_reply(text: str) -> str:
 
 # --- the real model ------------------------------------------------------------------------------
 def test_chat_streams_the_real_models_reply(app_env):
-    gc.unfreeze()
     at = new_app()
     assert not at.exception and not at.error
     # what the model's load left in memory is out of the cyclic collector's sight (webui/state.py)

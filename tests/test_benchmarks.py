@@ -54,8 +54,8 @@ def test_bench_vs_llama_server_prints_every_row_with_both_figures(test_data_dir)
            if not k.startswith(("CHATGLM_", "MODEL_PATH")) or k == "CHATGLM_THREADS"}  # the Makefile's
     # one thread a side: on a busy machine every step of a multi-threaded one waits for a core (minutes here)
     proc = subprocess.run([sys.executable, "benchmarks/bench_vs_llama_server.py", "--runs", "1", "--tokens", "6",
-                           "--turn-tokens", "3", "--turn-samples", "2", "--threads", "1",
-                           "--data-dir", str(test_data_dir), "--llama-server", LLAMA_SERVER, "--peer-load-mode", "none"],
+                           "--turn-tokens", "3", "--turn-samples", "2", "--threads", "1", "--data-dir",
+                           str(test_data_dir), "--llama-server", LLAMA_SERVER, "--peer-load-mode", "none"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {cells[0]: cells[1:] for row in proc.stdout.splitlines() if row.startswith("| ")
